@@ -1,0 +1,104 @@
+"""A real memory allocator: raw memory from the program break and mmap, reused when freed.
+
+The module-level functions work on this process's own heap, under glibc's names. Addresses are plain
+integers usable with ctypes, memoryview (`view`) and numpy.
+
+    >>> import malloc
+    >>> p = malloc.malloc(100)
+    >>> malloc.view(p)[:5] = b"hello"
+    >>> bytes(malloc.view(p, 5))
+    b'hello'
+    >>> malloc.free(p)
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
+from .heap import Chunk, Heap
+from .info import MallInfo, format_stats
+from .os.libc import PAGE_SIZE as _PAGE
+from .options import M_MMAP_MAX, M_MMAP_THRESHOLD, M_PERTURB, M_TOP_PAD, M_TRIM_THRESHOLD, Options
+from .process import ProcessAllocator
+from .region import BreakRegion, BufferRegion, MapRegion, Region
+
+__all__ = [
+    "M_MMAP_MAX", "M_MMAP_THRESHOLD", "M_PERTURB", "M_TOP_PAD", "M_TRIM_THRESHOLD",
+    "BreakRegion", "BufferRegion", "Chunk", "DoubleFree", "Heap", "HeapCorruption", "HeapError",
+    "InvalidPointer", "MallInfo", "MapRegion", "Options", "ProcessAllocator", "Region",
+    "aligned_alloc", "allocator", "calloc", "check", "free", "mallinfo", "malloc", "malloc_stats",
+    "malloc_trim", "malloc_usable_size", "mallopt", "memalign", "posix_memalign", "pvalloc",
+    "realloc", "reallocarray", "stats", "trim", "usable_size", "valloc", "view", "walk",
+]
+
+allocator = ProcessAllocator()
+"""The process's allocator, behind every module-level function."""
+
+_os.register_at_fork(before=allocator.before_fork, after_in_parent=allocator.after_fork_parent,
+                     after_in_child=allocator.after_fork_child)
+
+malloc = allocator.malloc
+free = allocator.free
+calloc = allocator.calloc
+realloc = allocator.realloc
+memalign = allocator.memalign
+usable_size = allocator.usable_size
+malloc_usable_size = allocator.usable_size
+view = allocator.view
+mallopt = allocator.mallopt
+mallinfo = allocator.mallinfo
+check = allocator.check
+walk = allocator.walk
+trim = allocator.trim
+
+
+def aligned_alloc(alignment: int, size: int) -> int:
+    """C11's aligned_alloc: `memalign` for a power-of-two `alignment`."""
+    return allocator.memalign(alignment, size)
+
+
+def posix_memalign(alignment: int, size: int) -> int:
+    """`memalign` that also requires `alignment` to be a multiple of the pointer size, as POSIX does."""
+    if isinstance(alignment, int) and alignment % 8:
+        raise ValueError(f"alignment must be a multiple of 8, not {alignment}")
+    return allocator.memalign(alignment, size)
+
+
+def valloc(size: int) -> int:
+    """A block aligned to the page size."""
+    return allocator.memalign(_PAGE, size)
+
+
+def pvalloc(size: int) -> int:
+    """A page-aligned block whose size is rounded up to whole pages (at least one)."""
+    if isinstance(size, int) and size >= 0:
+        size = max(_PAGE, (size + _PAGE - 1) & ~(_PAGE - 1))
+    return allocator.memalign(_PAGE, size)
+
+
+def reallocarray(p: int, count: int, size: int) -> int:
+    """`realloc(p, count * size)`, with a MemoryError instead of an overflowing product."""
+    if isinstance(count, int) and isinstance(size, int) and count >= 0 and size >= 0 and count * size >= 1 << 63:
+        raise MemoryError(f"reallocarray: {count} * {size} overflows")
+    return allocator.realloc(p, count * size)
+
+
+def malloc_trim(pad: int = 0) -> int:
+    """glibc's malloc_trim: 1 if memory was released, else 0."""
+    return int(allocator.trim(pad))
+
+
+def stats() -> str:
+    """A malloc_stats-like report, as text."""
+    info = allocator.mallinfo()
+    heaps = [(h.region.kind, h.held, h.in_use, h.held - h.in_use) for h in allocator.heaps]
+    return format_stats(info, heaps)
+
+
+def malloc_stats() -> None:
+    """Print the malloc_stats-like report to standard error, as glibc does."""
+    import sys
+
+    print(stats(), file=sys.stderr)
+

@@ -1,0 +1,118 @@
+"""Bins: the heap's free lists, kept in-band as offsets, and the bitmap that skips empty ones.
+
+Bin heads sit in the heap header (`H_BINS + index`, 0 for an empty bin); each free chunk links to its
+neighbours in the list through its `next` (chunk+16) and `prev` (chunk+24) words, 0 ending the list.
+Small bins hold one size each, so any member fits. Large bins are kept sorted by size, smallest first,
+so the first member that fits is the best fit. Two bitmap words mark non-empty small and large bins.
+
+The functions take the heap's word view `W`; chunk offsets are in bytes.
+"""
+
+from __future__ import annotations
+
+from .errors import HeapCorruption
+from .layout import SIZE_MASK, SMALL_LIMIT, bin_index
+
+# Header words used by the bins (see heap.py for the whole header).
+H_SMALLMAP = 9
+H_LARGEMAP = 10
+H_BINS = 16
+
+
+def insert(W: memoryview, c: int, size: int) -> None:
+    """Put the free chunk at `c` into its bin."""
+    if size < SMALL_LIMIT:
+        i = size >> 4
+        head = W[H_BINS + i]
+        W[(c + 16) >> 3] = head
+        W[(c + 24) >> 3] = 0
+        if head:
+            W[(head + 24) >> 3] = c
+        else:
+            W[H_SMALLMAP] |= 1 << i
+        W[H_BINS + i] = c
+        return
+    i = bin_index(size)
+    prev = 0
+    cur = W[H_BINS + i]
+    while cur and (W[(cur + 8) >> 3] & SIZE_MASK) < size:
+        prev = cur
+        cur = W[(cur + 16) >> 3]
+    W[(c + 16) >> 3] = cur
+    W[(c + 24) >> 3] = prev
+    if cur:
+        W[(cur + 24) >> 3] = c
+    if prev:
+        W[(prev + 16) >> 3] = c
+    else:
+        W[H_BINS + i] = c
+        W[H_LARGEMAP] |= 1 << (i - 64)
+
+
+def check_links(W: memoryview, c: int, size: int) -> None:
+    """Raise HeapCorruption unless the free chunk at `c` is linked both ways (glibc's unlink check)."""
+    nxt = W[(c + 16) >> 3]
+    prv = W[(c + 24) >> 3]
+    if nxt and W[(nxt + 24) >> 3] != c:
+        raise HeapCorruption(f"free chunk at offset {c:#x}: its next chunk does not link back", c)
+    if prv:
+        if W[(prv + 16) >> 3] != c:
+            raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
+    elif W[H_BINS + bin_index(size)] != c:
+        raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
+
+
+def unlink(W: memoryview, c: int, size: int) -> None:
+    """Take the free chunk at `c` out of its bin (links already checked by the caller's tier)."""
+    nxt = W[(c + 16) >> 3]
+    prv = W[(c + 24) >> 3]
+    if prv:
+        W[(prv + 16) >> 3] = nxt
+    else:
+        i = size >> 4 if size < SMALL_LIMIT else bin_index(size)
+        W[H_BINS + i] = nxt
+        if not nxt:
+            if i < 64:
+                W[H_SMALLMAP] &= ~(1 << i)
+            else:
+                W[H_LARGEMAP] &= ~(1 << (i - 64))
+    if nxt:
+        W[(nxt + 24) >> 3] = prv
+
+
+def best_fit(W: memoryview, nb: int) -> int:
+    """The smallest free chunk of at least `nb` bytes, or 0; it stays in its bin."""
+    if nb < SMALL_LIMIT:
+        i = nb >> 4
+        c = W[H_BINS + i]
+        if c:
+            return c
+        m = W[H_SMALLMAP] >> (i + 1)
+        if m:
+            return W[H_BINS + i + (m & -m).bit_length()]
+        m = W[H_LARGEMAP]
+        if m:
+            return W[H_BINS + 63 + (m & -m).bit_length()]
+        return 0
+    i = bin_index(nb)
+    c = W[H_BINS + i]
+    while c:
+        if (W[(c + 8) >> 3] & SIZE_MASK) >= nb:
+            return c
+        c = W[(c + 16) >> 3]
+    m = W[H_LARGEMAP] >> (i - 63)
+    if m:
+        return W[H_BINS + i + (m & -m).bit_length()]
+    return 0
+
+
+def members(W: memoryview, i: int) -> list[int]:
+    """Offsets of the chunks in bin `i`, in list order (stops on a cycle)."""
+    out: list[int] = []
+    seen: set[int] = set()
+    c = W[H_BINS + i]
+    while c and c not in seen:
+        seen.add(c)
+        out.append(c)
+        c = W[(c + 16) >> 3]
+    return out

@@ -1,0 +1,76 @@
+"""The chunk format: constants, flag bits, size rounding and bin indices.
+
+A chunk at offset c (from the heap's base, always a multiple of 16):
+
+    c+0   prev_size   size of the previous chunk, valid only while that chunk is free
+    c+8   size word   size | flags in the low 4 bits | in-use tag in the top 16 bits
+    c+16  user data   (the address handed out); a free chunk keeps its bin links here:
+    c+16  next        offset of the next free chunk in its bin (0 = none)
+    c+24  prev        offset of the previous one (0 = it is the bin's first)
+
+A free chunk repeats its size in the next chunk's prev_size word (the boundary tag), so the neighbour
+below a freed chunk is found in O(1). An in-use chunk may use the next chunk's prev_size word as data,
+so its usable size is its size less 8.
+
+The in-use tag is a 16-bit hash of the chunk's offset, written when a chunk is handed out and cleared when
+it is freed. It lets `free` tell a real block from an address inside one, or from an overwritten header,
+before it changes anything; free chunks and the top carry no tag.
+"""
+
+from __future__ import annotations
+
+WORD = 8
+ALIGNMENT = 16
+HEADER = 16  # prev_size + size word
+MIN_CHUNK = 32
+OVERHEAD = 8  # bytes of an in-use chunk not usable (its size word)
+
+PREV_INUSE = 1
+IS_MMAPPED = 2
+FOREIGN = 4  # a span of the C library's own memory, covered so the range stays walkable
+FLAG_BITS = 0xF
+SIZE_MASK = 0x0000_FFFF_FFFF_FFF0
+TAG_SHIFT = 48
+TAG_MASK = 0xFFFF << TAG_SHIFT
+MAX_REQUEST = 1 << 46  # larger requests cannot be met on any x86-64/aarch64 machine
+
+# Small bins hold one exact chunk size each (32 .. 1008); large bins hold size ranges, kept sorted.
+SMALL_LIMIT = 1024
+N_BINS = 128
+
+
+def tag(offset: int) -> int:
+    """The in-use tag for the chunk at `offset`: never zero, already shifted into place."""
+    return ((((offset >> 4) * 40503) & 0xFFFF) | 1) << TAG_SHIFT
+
+
+def request_to_size(n: int) -> int:
+    """Chunk size for a request of `n` bytes (glibc's request2size)."""
+    size = (n + OVERHEAD + 15) & ~15
+    return size if size > MIN_CHUNK else MIN_CHUNK
+
+
+def bin_index(size: int) -> int:
+    """The bin of a free chunk of `size` bytes: 2..63 exact small sizes, 64..127 size ranges.
+
+    The large ranges widen geometrically, as glibc's do: 64-byte steps up to 3 KiB, then 512-byte,
+    4 KiB, 32 KiB and 256 KiB steps; the last bin takes everything from 512 KiB up.
+    """
+    if size < SMALL_LIMIT:
+        return size >> 4
+    if size < 3072:
+        return 48 + (size >> 6)  # 64 .. 95
+    if size < 12288:
+        return 90 + (size >> 9)  # 96 .. 113
+    if size < 40960:
+        return 111 + (size >> 12)  # 114 .. 120
+    if size < 163840:
+        return 120 + (size >> 15)  # 121 .. 124
+    if size < 524288:
+        return 125 + (size >> 18)  # 125 .. 126
+    return 127
+
+
+def page_align_up(n: int, page: int) -> int:
+    """`n` rounded up to a multiple of `page` (a power of two)."""
+    return (n + page - 1) & ~(page - 1)

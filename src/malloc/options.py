@@ -1,0 +1,102 @@
+"""Allocator settings under glibc's names, defaults and rules (mallopt and MALLOC_*_ variables).
+
+The mmap threshold is dynamic as in glibc: it starts at 128 KiB, and when a mapped chunk larger than it
+is freed (up to 32 MiB), the threshold rises to that chunk's size and the trim threshold to twice that,
+until the user sets any of the thresholds, the top pad or the mmap maximum.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+M_PERTURB = -6
+
+DEFAULT_MMAP_THRESHOLD = 128 * 1024
+DEFAULT_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # 4 MiB * sizeof(long) on 64-bit
+DEFAULT_TRIM_THRESHOLD = 128 * 1024
+DEFAULT_TOP_PAD = 128 * 1024
+DEFAULT_MMAP_MAX = 65536
+HEAP_MAX_SIZE = 2 * DEFAULT_MMAP_THRESHOLD_MAX  # mallopt refuses thresholds above half of it
+
+PARAM_NAMES = {
+    M_TRIM_THRESHOLD: "M_TRIM_THRESHOLD",
+    M_TOP_PAD: "M_TOP_PAD",
+    M_MMAP_THRESHOLD: "M_MMAP_THRESHOLD",
+    M_MMAP_MAX: "M_MMAP_MAX",
+    M_PERTURB: "M_PERTURB",
+}
+ENVIRONMENT = {
+    "MALLOC_TRIM_THRESHOLD_": M_TRIM_THRESHOLD,
+    "MALLOC_TOP_PAD_": M_TOP_PAD,
+    "MALLOC_MMAP_THRESHOLD_": M_MMAP_THRESHOLD,
+    "MALLOC_MMAP_MAX_": M_MMAP_MAX,
+    "MALLOC_PERTURB_": M_PERTURB,
+}
+
+
+@dataclass
+class Options:
+    """The settings in force; `mallopt` changes them under glibc's rules."""
+
+    mmap_threshold: int = DEFAULT_MMAP_THRESHOLD
+    trim_threshold: int = DEFAULT_TRIM_THRESHOLD
+    top_pad: int = DEFAULT_TOP_PAD
+    mmap_max: int = DEFAULT_MMAP_MAX
+    perturb: int = 0  # byte written over freed blocks (and its complement over new ones); 0 is off
+    dynamic: bool = True  # the mmap threshold still follows freed mapped chunks
+
+    def mallopt(self, param: int, value: int) -> int:
+        """Set `param` (M_MMAP_THRESHOLD, ...) to `value`; returns 1 as glibc does on success.
+
+        Unknown parameters and values glibc would refuse raise ValueError and change nothing.
+        """
+        if param.__class__ is not int or value.__class__ is not int:
+            raise TypeError("mallopt takes two integers")
+        if param not in PARAM_NAMES:
+            raise ValueError(f"unknown mallopt parameter {param}")
+        if param == M_PERTURB:
+            self.perturb = value & 0xFF
+            return 1
+        name = PARAM_NAMES[param]
+        if value < 0:
+            raise ValueError(f"{name} must not be negative: {value}")
+        if param == M_MMAP_THRESHOLD:
+            if value > HEAP_MAX_SIZE // 2:
+                raise ValueError(f"{name} may be at most {HEAP_MAX_SIZE // 2}, not {value}")
+            self.mmap_threshold = value
+        elif param == M_TRIM_THRESHOLD:
+            self.trim_threshold = value
+        elif param == M_TOP_PAD:
+            self.top_pad = value
+        else:
+            self.mmap_max = value
+        self.dynamic = False
+        return 1
+
+    def freed_mapped_chunk(self, size: int) -> None:
+        """The dynamic threshold's rule, applied when a mapped chunk of `size` bytes is freed."""
+        if self.dynamic and self.mmap_threshold < size <= DEFAULT_MMAP_THRESHOLD_MAX:
+            self.mmap_threshold = size
+            self.trim_threshold = 2 * size
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> Options:
+        """Defaults, then glibc's MALLOC_*_ variables; a value that is not a valid setting is ignored
+        with a warning, as glibc ignores it."""
+        env = os.environ if environ is None else environ
+        options = cls()
+        for var, param in ENVIRONMENT.items():
+            text = env.get(var)
+            if text is None:
+                continue
+            try:
+                options.mallopt(param, int(text, 0))
+            except ValueError as exc:
+                warnings.warn(f"{var}={text!r} ignored: {exc}", RuntimeWarning, stacklevel=2)
+        return options

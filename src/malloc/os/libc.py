@@ -1,0 +1,145 @@
+"""ctypes bindings to the C library's memory system calls, and raw memory access.
+
+Every function that changes the address space records an event (see `events`) with the reason the caller
+gives. Failures become exceptions here, in one place: ENOMEM is `MemoryError`, anything else `OSError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap as _mmap
+import os
+
+from . import events
+
+PAGE_SIZE = _mmap.PAGESIZE
+
+PROT_NONE = 0
+PROT_READ = 1
+PROT_WRITE = 2
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_FIXED_NOREPLACE = 0x100000
+MREMAP_MAYMOVE = 1
+MADV_DONTNEED = 4
+
+_MAP_FAILED = (1 << 64) - 1
+_BRK_FAILED = (1 << 64) - 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_sbrk = _libc.sbrk
+_sbrk.restype = ctypes.c_void_p
+_sbrk.argtypes = [ctypes.c_ssize_t]
+
+_mmap_fn = _libc.mmap
+_mmap_fn.restype = ctypes.c_void_p
+_mmap_fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+_mremap = _libc.mremap
+_mremap.restype = ctypes.c_void_p
+_mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+
+_mprotect = _libc.mprotect
+_mprotect.restype = ctypes.c_int
+_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+_madvise = _libc.madvise
+_madvise.restype = ctypes.c_int
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+_from_memory.restype = ctypes.py_object
+_from_memory.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+_PyBUF_WRITE = 0x200
+
+memmove = ctypes.memmove
+memset = ctypes.memset
+
+
+def _fail(call: str) -> OSError:
+    err = ctypes.get_errno()
+    if err == errno.ENOMEM:
+        return MemoryError(f"{call}: {os.strerror(err)}")
+    return OSError(err, f"{call}: {os.strerror(err)}")
+
+
+def current_break() -> int:
+    """The program break now (sbrk(0); not a system call in glibc, so not recorded)."""
+    return int(_sbrk(0) or 0)
+
+
+def sbrk(increment: int, reason: str) -> int:
+    """Move the program break by `increment` bytes; return the old break."""
+    result = _sbrk(increment)
+    if result is None or result == _BRK_FAILED:
+        events.record("sbrk", (increment,), -1, reason)
+        raise _fail(f"sbrk({increment})")
+    events.record("sbrk", (increment,), result, reason)
+    return int(result)
+
+
+def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE, flags: int = 0,
+                   address: int = 0) -> int:
+    """Map `size` bytes of private anonymous memory; return its address."""
+    result = _mmap_fn(address or None, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0)
+    if result is None or result == _MAP_FAILED:
+        events.record("mmap", (address, size, prot, flags), -1, reason)
+        raise _fail(f"mmap({size})")
+    events.record("mmap", (address, size, prot, flags), result, reason)
+    return int(result)
+
+
+def munmap(address: int, size: int, reason: str) -> None:
+    """Unmap `size` bytes at `address`."""
+    rc = _munmap(address, size)
+    events.record("munmap", (address, size), rc, reason)
+    if rc != 0:
+        raise _fail(f"munmap({address:#x}, {size})")
+
+
+def mremap(address: int, old_size: int, new_size: int, reason: str, *, may_move: bool = True) -> int:
+    """Resize the mapping at `address`; return its (possibly new) address."""
+    result = _mremap(address, old_size, new_size, MREMAP_MAYMOVE if may_move else 0)
+    if result is None or result == _MAP_FAILED:
+        events.record("mremap", (address, old_size, new_size), -1, reason)
+        raise _fail(f"mremap({address:#x}, {old_size}, {new_size})")
+    events.record("mremap", (address, old_size, new_size), result, reason)
+    return int(result)
+
+
+def mprotect(address: int, size: int, prot: int, reason: str) -> None:
+    """Change the protection of `size` bytes at `address`."""
+    rc = _mprotect(address, size, prot)
+    events.record("mprotect", (address, size, prot), rc, reason)
+    if rc != 0:
+        raise _fail(f"mprotect({address:#x}, {size})")
+
+
+def madvise_dontneed(address: int, size: int, reason: str) -> None:
+    """Give the pages of `size` bytes at `address` back; they read as zero afterwards."""
+    rc = _madvise(address, size, MADV_DONTNEED)
+    events.record("madvise", (address, size, MADV_DONTNEED), rc, reason)
+    if rc != 0:
+        raise _fail(f"madvise({address:#x}, {size})")
+
+
+def memory_view(address: int, size: int) -> memoryview:
+    """A writable byte view of `size` bytes at `address` (the caller vouches the range is mapped)."""
+    view: memoryview = _from_memory(address, size, _PyBUF_WRITE)
+    return view
+
+
+def thread_count() -> int:
+    """Threads in this process, C threads included (from /proc/self/task)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 2  # unknown: assume the unsafe case

@@ -1,0 +1,478 @@
+"""The process allocator: the fast cache, the heaps and the mapped chunks behind one lock.
+
+A request tries the fast cache (small sizes), then every heap's bins and top. Only when the OS must
+supply more does the size decide the system call, as in glibc: at or above the mmap threshold the
+request gets a mapping of its own (page-rounded, its header in the first 16 bytes, IS_MMAPPED set;
+unmapped on free, resized with mremap); below it the main heap grows the break. When the break cannot
+grow, a heap over a mapping takes over.
+
+An address given to `free` is checked against the ranges this allocator owns before any memory is read,
+then against its chunk header; a wrong one raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from bisect import bisect_right
+from collections.abc import Iterator
+
+from . import cache as fast_cache
+from .errors import DoubleFree, HeapCorruption, InvalidPointer
+from .heap import HEAP_HEADER, H_CLEAN, H_TOP, Chunk, Heap, address_arg, alignment_arg, size_arg
+from .info import MallInfo
+from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, SIZE_MASK, page_align_up
+from .options import Options
+from .os import libc
+from .region import MAP_RESERVE, BreakRegion, MapRegion
+
+CACHE_MAX = fast_cache.CACHE_MAX_CHUNK
+CACHE_COUNT = fast_cache.CACHE_COUNT
+PAGE = libc.PAGE_SIZE
+# A heap over a mapping, made when the break cannot grow, starts with at least this much (glibc's
+# MMAP_AS_MORECORE_SIZE).
+FALLBACK_HEAP_MIN = 1 << 20
+
+
+class ProcessAllocator:
+    """malloc, free, realloc and friends for this process: routing, the mmap path, options, lock, fork."""
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options if options is not None else Options.from_environment()
+        self._lock = threading.Lock()
+        self._main: Heap | None = None  # the heap on the program break, made on first need
+        self._heaps: list[Heap] = []  # every heap, the main one first
+        self._starts: list[int] = []  # heap bases, sorted, for bisect
+        self._by_start: list[Heap] = []  # the heaps in the order of _starts
+        self._mapped: dict[int, tuple[int, int]] = {}  # block address -> (mapping address, mapping length)
+        self._mapped_bytes = 0
+        self._system_max = 0
+        self._cache = fast_cache.new_cache()
+        self._pid = os.getpid()
+
+    # ----------------------------------------------------------- allocation
+
+    def malloc(self, n: int) -> int:
+        """Address of at least `n` usable bytes, 16-byte aligned; MemoryError when none can be had."""
+        if n.__class__ is not int or n < 0:
+            n = size_arg(n)
+        nb = (n + 23) & ~15 if n > 24 else MIN_CHUNK
+        with self._lock:
+            if nb <= CACHE_MAX:
+                entries = self._cache[nb >> 4]
+                if entries:
+                    p = entries.pop()
+                    if self.options.perturb:
+                        libc.memset(p, self.options.perturb ^ 0xFF, nb - OVERHEAD)
+                    return p
+            p = self._allocate(n, nb, False)
+            if self.options.perturb:
+                libc.memset(p, self.options.perturb ^ 0xFF, n)
+            return p
+
+    def calloc(self, count: int, size: int) -> int:
+        """A zeroed block for `count` elements of `size` bytes; MemoryError if the product overflows.
+
+        Memory fresh from the OS (a new mapping, or the top beyond the heap's clean mark) is not zeroed again.
+        """
+        total = size_arg(count, "count") * size_arg(size)
+        if total > MAX_REQUEST:
+            raise MemoryError(f"calloc({count}, {size}) overflows")
+        nb = request_size(total)
+        with self._lock:
+            if nb <= CACHE_MAX:
+                entries = self._cache[nb >> 4]
+                if entries:
+                    p = entries.pop()
+                    libc.memset(p, 0, nb - OVERHEAD)
+                    return p
+            return self._allocate(total, nb, True)
+
+    def _allocate(self, n: int, nb: int, zero: bool) -> int:
+        """Serve a request the cache could not: the heaps' free memory first, then the OS."""
+        if n > MAX_REQUEST:
+            raise MemoryError(f"cannot allocate {n} bytes")
+        for heap in self._heaps:
+            clean = heap._w[H_CLEAN]
+            c = heap.allocate(nb)
+            if c:
+                if zero:
+                    heap.zero_fresh(c, clean)
+                return heap.base + c + HEADER
+        opts = self.options
+        if nb >= opts.mmap_threshold and len(self._mapped) < opts.mmap_max:
+            try:
+                return self._map_chunk(nb, 16, f"a {n}-byte request is at or above the "
+                                               f"{opts.mmap_threshold}-byte mmap threshold")
+            except MemoryError:
+                pass  # as glibc does, try the heap before giving up
+        heap = self._grow(nb, f"heap top too small for a {n}-byte request")
+        clean = heap._w[H_CLEAN]
+        c = heap.allocate(nb)
+        if zero:
+            heap.zero_fresh(c, clean)
+        return heap.base + c + HEADER
+
+    def _grow(self, nb: int, reason: str) -> Heap:
+        """A heap whose top can now serve `nb` bytes: the main heap grown, else a heap over a mapping."""
+        opts = self.options
+        main = self._main
+        try:
+            if main is None:
+                region = BreakRegion(HEAP_HEADER + nb + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
+                main = self._main = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
+                self._add_heap(main)
+            else:
+                main.top_pad = opts.top_pad
+                main.extend(nb, reason)
+            self._note_system()
+            return main
+        except MemoryError:
+            pass
+        for heap in self._heaps[1:]:
+            try:
+                heap.extend(nb, reason + " (the break cannot grow)")
+                self._note_system()
+                return heap
+            except MemoryError:
+                continue
+        size = max(HEAP_HEADER + nb + MIN_CHUNK + opts.top_pad, FALLBACK_HEAP_MIN)
+        region = MapRegion(size, reason + ": the break cannot grow, so a heap over a mapping",
+                           reserve=max(MAP_RESERVE, page_align_up(size, PAGE)))
+        heap = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
+        self._add_heap(heap)
+        self._note_system()
+        return heap
+
+    def _add_heap(self, heap: Heap) -> None:
+        self._heaps.append(heap)
+        i = bisect_right(self._starts, heap.base)
+        self._starts.insert(i, heap.base)
+        self._by_start.insert(i, heap)
+
+    def _map_chunk(self, nb: int, alignment: int, reason: str) -> int:
+        """A chunk in a mapping of its own; returns the block's address (aligned to `alignment`)."""
+        length = page_align_up(nb + OVERHEAD + (alignment - 16 if alignment > 16 else 0), PAGE)
+        m = libc.mmap_anonymous(length, reason)
+        p = (m + HEADER + alignment - 1) & ~(alignment - 1)
+        offset = p - HEADER - m
+        header = libc.memory_view(p - HEADER, HEADER).cast("Q")
+        header[0] = offset
+        header[1] = (length - offset) | IS_MMAPPED
+        header.release()
+        self._mapped[p] = (m, length)
+        self._mapped_bytes += length
+        self._note_system()
+        return p
+
+    def _note_system(self) -> None:
+        now = self.system_current
+        if now > self._system_max:
+            self._system_max = now
+
+    # ---------------------------------------------------------------- free
+
+    def free(self, p: int) -> None:
+        """Free the block at `p`; `free(0)` does nothing. InvalidPointer or DoubleFree if `p` is not live."""
+        if p.__class__ is not int or p < 0:
+            p = address_arg(p)
+        if not p:
+            return
+        with self._lock:
+            self._free(p)
+
+    def _free(self, p: int) -> None:
+        mapped = self._mapped.get(p)
+        if mapped is not None:
+            self._unmap_chunk(p, mapped)
+            return
+        heap = self._heap_of(p)
+        c = heap.chunk_of(p)
+        sz = heap._w[(c + 8) >> 3] & SIZE_MASK
+        perturb = self.options.perturb
+        if sz <= CACHE_MAX:
+            entries = self._cache[sz >> 4]
+            if p in entries:
+                raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
+            if len(entries) < CACHE_COUNT:
+                if perturb:
+                    libc.memset(p, perturb, sz - OVERHEAD)
+                entries.append(p)
+                return
+        if perturb:
+            libc.memset(p, perturb, sz - OVERHEAD)
+        if heap.release(c) >= self.options.trim_threshold:
+            self._trim_heap(heap, "top chunk exceeds the trim threshold after a free")
+
+    def _trim_heap(self, heap: Heap, reason: str) -> None:
+        if heap.trim(self.options.top_pad, reason):
+            self._note_system()
+
+    def _heap_of(self, p: int) -> Heap:
+        """The heap whose chunks hold address `p`, or InvalidPointer."""
+        main = self._main
+        if main is not None and main.owns(p):
+            return main
+        i = bisect_right(self._starts, p) - 1
+        if i >= 0:
+            heap = self._by_start[i]
+            if heap.owns(p):
+                return heap
+        raise InvalidPointer(f"{p:#x} was not allocated by this allocator")
+
+    def _unmap_chunk(self, p: int, mapped: tuple[int, int]) -> None:
+        m, length = mapped
+        self._check_mapped(p, m, length)
+        del self._mapped[p]
+        self._mapped_bytes -= length
+        libc.munmap(m, length, f"free of a {length}-byte mapped chunk")
+        self.options.freed_mapped_chunk(length - (p - HEADER - m))
+
+    def _check_mapped(self, p: int, m: int, length: int) -> None:
+        header = libc.memory_view(p - HEADER, HEADER).cast("Q")
+        offset, word = header[0], header[1]
+        header.release()
+        if offset != p - HEADER - m or word != (length - offset) | IS_MMAPPED:
+            raise HeapCorruption(f"header of the mapped chunk at {p - HEADER:#x} was overwritten", p - HEADER)
+
+    def _live_chunk(self, p: int) -> tuple[Heap, int]:
+        """(heap, chunk offset) of the live heap block at `p`; a block in the fast cache is not live."""
+        heap = self._heap_of(p)
+        c = heap.chunk_of(p)
+        sz = heap._w[(c + 8) >> 3] & SIZE_MASK
+        if sz <= CACHE_MAX and p in self._cache[sz >> 4]:
+            raise DoubleFree(f"the block at {p:#x} has been freed")
+        return heap, c
+
+    # ------------------------------------------------------------- resizing
+
+    def realloc(self, p: int, n: int) -> int:
+        """Resize the block at `p` to `n` bytes; returns its address, which may have moved.
+
+        `realloc(0, n)` is `malloc(n)` and `realloc(p, 0)` frees `p` and returns 0. A block grows in place
+        into a free neighbour or the top when it can; a mapped block is moved with mremap.
+        """
+        p = address_arg(p)
+        n = size_arg(n)
+        if not p:
+            return self.malloc(n)
+        with self._lock:
+            mapped = self._mapped.get(p)
+            if mapped is not None:
+                if n == 0:
+                    self._unmap_chunk(p, mapped)
+                    return 0
+                return self._remap(p, mapped, n)
+            heap, c = self._live_chunk(p)
+            if n == 0:
+                self._free(p)
+                return 0
+            if n > MAX_REQUEST:
+                raise MemoryError(f"cannot allocate {n} bytes")
+            nb = request_size(n)
+            if heap.resize_in_place(c, nb, grow_top=nb < self.options.mmap_threshold):
+                self._note_system()
+                W = heap._w
+                if W[(W[H_TOP] + 8) >> 3] & SIZE_MASK >= self.options.trim_threshold:
+                    self._trim_heap(heap, "top chunk exceeds the trim threshold after a shrink")
+                return p
+            old_usable = (heap._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
+            q = self._allocate(n, nb, False)
+            libc.memmove(q, p, min(old_usable, n))
+            self._free(p)
+            return q
+
+    def _remap(self, p: int, mapped: tuple[int, int], n: int) -> int:
+        m, length = mapped
+        self._check_mapped(p, m, length)
+        offset = p - HEADER - m
+        new_length = page_align_up(request_size(n) + OVERHEAD + offset, PAGE)
+        if new_length == length:
+            return p
+        m2 = libc.mremap(m, length, new_length, f"realloc of a mapped chunk to {n} bytes")
+        p2 = m2 + offset + HEADER
+        header = libc.memory_view(p2 - HEADER, HEADER).cast("Q")
+        header[1] = (new_length - offset) | IS_MMAPPED
+        header.release()
+        del self._mapped[p]
+        self._mapped[p2] = (m2, new_length)
+        self._mapped_bytes += new_length - length
+        self._note_system()
+        return p2
+
+    def memalign(self, alignment: int, n: int) -> int:
+        """A block of at least `n` bytes at a multiple of `alignment` (a power of two)."""
+        a = alignment_arg(alignment)
+        n = size_arg(n)
+        if a <= 16:
+            return self.malloc(n)
+        if n > MAX_REQUEST or a > MAX_REQUEST:
+            raise MemoryError(f"cannot allocate {n} bytes aligned to {a}")
+        nb = request_size(n)
+        need = nb + a + MIN_CHUNK
+        with self._lock:
+            for heap in self._heaps:
+                c = heap.allocate(need)
+                if c:
+                    return heap.base + heap.align_chunk(c, nb, a) + HEADER
+            opts = self.options
+            if need >= opts.mmap_threshold and len(self._mapped) < opts.mmap_max:
+                try:
+                    return self._map_chunk(nb, a, f"a {n}-byte block aligned to {a} is at or above the "
+                                                  f"{opts.mmap_threshold}-byte mmap threshold")
+                except MemoryError:
+                    pass
+            heap = self._grow(need, f"heap top too small for a {n}-byte block aligned to {a}")
+            c = heap.allocate(need)
+            return heap.base + heap.align_chunk(c, nb, a) + HEADER
+
+    # ------------------------------------------------------------ questions
+
+    def usable_size(self, p: int) -> int:
+        """Bytes usable in the live block at `p` (0 for address 0)."""
+        p = address_arg(p)
+        if not p:
+            return 0
+        with self._lock:
+            mapped = self._mapped.get(p)
+            if mapped is not None:
+                return mapped[1] - (p - HEADER - mapped[0]) - HEADER
+            heap, c = self._live_chunk(p)
+            return (heap._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
+
+    def view(self, p: int, n: int | None = None) -> memoryview:
+        """A writable memoryview of the live block at `p`: its first `n` bytes, by default all of it.
+
+        The view is valid until the block is freed; using it after that is use-after-free.
+        """
+        usable = self.usable_size(p)
+        if not p:
+            raise InvalidPointer("cannot view address 0")
+        if n is None:
+            n = usable
+        n = size_arg(n)
+        if n > usable:
+            raise ValueError(f"the block at {p:#x} has {usable} usable bytes, not {n}")
+        return libc.memory_view(p, n)
+
+    @property
+    def system_current(self) -> int:
+        """Bytes held from the OS now: the heaps' extents (less foreign spans) plus mapped chunks."""
+        return sum(h.held for h in self._heaps) + self._mapped_bytes
+
+    @property
+    def system_max(self) -> int:
+        """The most bytes ever held from the OS at once."""
+        return max(self._system_max, self.system_current)
+
+    @property
+    def heaps(self) -> list[Heap]:
+        """The heaps, the main (break) heap first."""
+        return list(self._heaps)
+
+    def mapped_chunks(self) -> dict[int, int]:
+        """Block address -> mapping length of every mapped chunk."""
+        with self._lock:
+            return {p: length for p, (_m, length) in self._mapped.items()}
+
+    def mallinfo(self) -> MallInfo:
+        """glibc's mallinfo2 figures for this allocator, plus system_current and system_max."""
+        with self._lock:
+            arena = in_use = ordblks = fordblks = keepcost = 0
+            for heap in self._heaps:
+                count, free_bytes = heap.free_stats()
+                top = heap.top_size
+                arena += heap.held
+                in_use += heap.in_use
+                ordblks += count + 1
+                fordblks += free_bytes + top
+                keepcost += top
+            cached, cached_size = fast_cache.cached_bytes(self._cache)
+            return MallInfo(
+                arena=arena, ordblks=ordblks, smblks=cached, hblks=len(self._mapped),
+                hblkhd=self._mapped_bytes, usmblks=self.system_max, fsmblks=cached_size,
+                uordblks=in_use - cached_size, fordblks=fordblks, keepcost=keepcost,
+                system_current=self.system_current, system_max=self.system_max)
+
+    def walk(self) -> Iterator[Chunk]:
+        """Every chunk of every heap in address order (blocks in the fast cache show as "cached"),
+        then every mapped chunk."""
+        with self._lock:
+            cached = {p - HEADER for entries in self._cache for p in entries}
+            chunks = [c for heap in self._by_start for c in heap.walk()]
+            mapped = sorted(self._mapped.items())
+        for chunk in chunks:
+            if chunk.address in cached:
+                yield Chunk(chunk.address, chunk.size, "cached", -1)
+            else:
+                yield chunk
+        for p, (m, length) in mapped:
+            yield Chunk(p - HEADER, length - (p - HEADER - m), "mapped", -1)
+
+    def check(self) -> None:
+        """Verify every invariant of every heap, the fast cache and the mapped chunks' headers."""
+        with self._lock:
+            for heap in self._heaps:
+                heap.check()
+            for i, entries in enumerate(self._cache):
+                if len(set(entries)) != len(entries):
+                    raise HeapCorruption(f"fast cache list {i} holds a block twice")
+                for p in entries:
+                    heap = self._heap_of(p)
+                    c = heap.chunk_of(p)
+                    if heap._w[(c + 8) >> 3] & SIZE_MASK != i << 4:
+                        raise HeapCorruption(f"cached block at {p:#x} is not of size {i << 4}", p - HEADER)
+            for p, (m, length) in self._mapped.items():
+                self._check_mapped(p, m, length)
+
+    # ------------------------------------------------------ giving memory back
+
+    def trim(self, pad: int = 0) -> bool:
+        """Give free memory back to the OS now; True if anything was released (malloc_trim).
+
+        Empties the fast cache into the heaps first, then releases each heap's top beyond `pad`
+        (lowering the break where it can) and the whole pages inside large free chunks.
+        """
+        pad = size_arg(pad, "pad")
+        with self._lock:
+            self._flush_cache()
+            released = False
+            for heap in self._heaps:
+                if heap.trim(pad, "malloc_trim", inner=True):
+                    released = True
+            return released
+
+    def _flush_cache(self) -> None:
+        for p in fast_cache.drain(self._cache):
+            heap = self._heap_of(p)
+            heap.release(heap.chunk_of(p))
+
+    # ------------------------------------------------------------- settings
+
+    def mallopt(self, param: int, value: int) -> int:
+        """Change a setting under glibc's rules (see `options`); returns 1."""
+        with self._lock:
+            result = self.options.mallopt(param, value)
+            for heap in self._heaps:
+                heap.top_pad = self.options.top_pad
+                heap.trim_threshold = self.options.trim_threshold
+            return result
+
+    # ----------------------------------------------------------------- fork
+
+    def before_fork(self) -> None:
+        self._lock.acquire()
+
+    def after_fork_parent(self) -> None:
+        self._lock.release()
+
+    def after_fork_child(self) -> None:
+        """In the child: a fresh lock, and the inherited fast cache emptied back into the heap."""
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._flush_cache()
+
+
+def request_size(n: int) -> int:
+    """Chunk size for `n` requested bytes (layout.request_to_size, inlined in the hot paths)."""
+    return (n + 23) & ~15 if n > 24 else MIN_CHUNK

@@ -1,0 +1,200 @@
+"""Regions: the contiguous address ranges a heap lives in, with word access and a way to grow.
+
+A region knows where its memory comes from and nothing about chunks. It exposes `base` (absolute address,
+16-byte aligned), `size` (bytes usable from `base`), and `words`, a memoryview of unsigned 64-bit words
+over `[base, base + size)`, rebuilt whenever the range changes. Growth may be non-contiguous only for
+the program break: `grow` returns the offset where the new memory starts, past any span the C library
+took in between (the heap covers that span with a foreign chunk).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from .errors import HeapCorruption
+from .layout import ALIGNMENT, page_align_up
+from .os import libc
+
+PAGE = libc.PAGE_SIZE
+# Default address space reserved for a heap over a mapping (glibc's HEAP_MAX_SIZE on 64-bit).
+MAP_RESERVE = 64 << 20
+
+
+class Region:
+    """A contiguous range of memory; subclasses say where it comes from."""
+
+    base: int = 0
+    size: int = 0
+    words: memoryview
+
+    def _rebuild(self) -> None:
+        self.words = libc.memory_view(self.base, self.size).cast("Q")
+
+    def grow(self, min_bytes: int, reason: str) -> int:
+        """Add at least `min_bytes` at the end; return the offset where the new memory starts."""
+        raise MemoryError(f"{type(self).__name__} cannot grow")
+
+    def shrink(self, nbytes: int, reason: str) -> bool:
+        """Give the last `nbytes` (a page multiple) back to the OS now, if this region can."""
+        return False
+
+    def release(self, offset: int, nbytes: int, reason: str) -> bool:
+        """Let the OS reclaim the whole pages in `[offset, offset + nbytes)`, which read as zero after;
+        False when there is no whole page."""
+        start = page_align_up(self.base + offset, PAGE)
+        end = (self.base + offset + nbytes) & ~(PAGE - 1)
+        if end <= start:
+            return False
+        libc.madvise_dontneed(start, end - start, reason)
+        return True
+
+    def close(self) -> None:
+        """Return the whole region to the OS (regions that cannot, keep it)."""
+
+    @property
+    def kind(self) -> str:
+        return "region"
+
+
+class BreakRegion(Region):
+    """The process heap: memory from the program break, grown with sbrk.
+
+    The C library's malloc moves the same break. When the break is not where this region left it,
+    the region continues above it and reports the gap to the heap.
+    """
+
+    def __init__(self, initial: int, reason: str) -> None:
+        if initial <= 0:
+            raise ValueError("initial size must be positive")
+        start = libc.current_break()
+        incr = page_align_up(start + initial, PAGE) - start
+        old = libc.sbrk(incr, reason)
+        self.base = (old + ALIGNMENT - 1) & ~(ALIGNMENT - 1)
+        self.size = (old + incr - self.base) & ~(ALIGNMENT - 1)
+        self._rebuild()
+
+    @property
+    def kind(self) -> str:
+        return "brk"
+
+    def grow(self, min_bytes: int, reason: str) -> int:
+        end = self.base + self.size
+        incr = page_align_up(end + min_bytes, PAGE) - end
+        old = libc.sbrk(incr, reason)
+        if old == end:
+            self.size += incr
+            self._rebuild()
+            return end - self.base
+        if old < end:
+            # Someone lowered the break into our memory; nothing can be trusted above it.
+            libc.sbrk(-incr, "undo: the break was below this heap's end")
+            raise HeapCorruption(f"program break {old:#x} moved below the heap's end {end:#x}", end)
+        # Foreign sbrk: the C library took [end, old). Continue at the next aligned address above it.
+        start = (old + ALIGNMENT - 1) & ~(ALIGNMENT - 1)
+        new_end = old + incr
+        if new_end - start < min_bytes:
+            extra = page_align_up(start + min_bytes, PAGE) - new_end
+            more = libc.sbrk(extra, reason + " (after a foreign sbrk)")
+            if more != new_end:
+                libc.sbrk(-extra, "undo: the break moved again")
+                libc.sbrk(-incr, "undo: the break moved again")
+                raise MemoryError("the program break keeps moving under this heap")
+            new_end += extra
+        self.size = (new_end - self.base) & ~(ALIGNMENT - 1)
+        self._rebuild()
+        return start - self.base
+
+    def shrink(self, nbytes: int, reason: str) -> bool:
+        end = self.base + self.size
+        if nbytes <= 0 or libc.current_break() != end or libc.thread_count() != 1:
+            return False
+        libc.sbrk(-nbytes, reason)
+        self.size -= nbytes
+        self._rebuild()
+        return True
+
+
+class MapRegion(Region):
+    """A heap over a private anonymous mapping: address space reserved up front, committed as it grows.
+
+    The reservation is PROT_NONE, so untouched address space costs nothing; growing makes pages
+    readable and writable with mprotect, as glibc does for its secondary heaps.
+    """
+
+    def __init__(self, initial: int, reason: str, reserve: int = MAP_RESERVE) -> None:
+        initial = page_align_up(max(initial, PAGE), PAGE)
+        self._reserved = page_align_up(max(reserve, initial), PAGE)
+        self.base = libc.mmap_anonymous(self._reserved, reason, prot=libc.PROT_NONE,
+                                        flags=libc.MAP_NORESERVE)
+        try:
+            libc.mprotect(self.base, initial, libc.PROT_READ | libc.PROT_WRITE, reason)
+        except BaseException:
+            libc.munmap(self.base, self._reserved, "undo: a new heap mapping could not be committed")
+            raise
+        self.size = initial
+        self._rebuild()
+
+    @property
+    def kind(self) -> str:
+        return "mmap"
+
+    @property
+    def reserved(self) -> int:
+        return self._reserved
+
+    def grow(self, min_bytes: int, reason: str) -> int:
+        incr = page_align_up(min_bytes, PAGE)
+        if self.size + incr > self._reserved:
+            raise MemoryError(f"heap mapping at {self.base:#x} is full ({self._reserved} bytes reserved)")
+        libc.mprotect(self.base + self.size, incr, libc.PROT_READ | libc.PROT_WRITE, reason)
+        old = self.size
+        self.size += incr
+        self._rebuild()
+        return old
+
+    def shrink(self, nbytes: int, reason: str) -> bool:
+        if nbytes <= 0:
+            return False
+        start = self.base + self.size - nbytes
+        libc.madvise_dontneed(start, nbytes, reason)
+        libc.mprotect(start, nbytes, libc.PROT_NONE, reason)
+        self.size -= nbytes
+        self._rebuild()
+        return True
+
+    def close(self) -> None:
+        if self.base:
+            self.words.release()
+            libc.munmap(self.base, self._reserved, "heap mapping closed")
+            self.base = 0
+            self.size = 0
+
+
+class BufferRegion(Region):
+    """A fixed region over memory the caller already owns (a bytearray, an mmap object, a numpy array).
+
+    It never grows and makes no system calls; the caller keeps the buffer alive and unmoved.
+    """
+
+    def __init__(self, buffer: object) -> None:
+        view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
+        if view.readonly:
+            raise ValueError("the buffer is read-only")
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        skip = -address % ALIGNMENT
+        usable = (len(view) - skip) & ~(ALIGNMENT - 1) if len(view) > skip else 0
+        self._view = view
+        self.base = address + skip
+        self.size = usable
+        self.words = view[skip:skip + usable].cast("Q")
+
+    @property
+    def kind(self) -> str:
+        return "buffer"
+
+    def _rebuild(self) -> None:
+        raise AssertionError("a buffer region never changes")
+
+    def release(self, offset: int, nbytes: int, reason: str) -> bool:
+        """Memory the caller owns is not given back."""
+        return False
