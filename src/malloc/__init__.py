@@ -18,8 +18,8 @@ import os as _os
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import Chunk, Heap
 from .info import MallInfo, format_stats
-from .os.libc import PAGE_SIZE as _PAGE
 from .options import M_MMAP_MAX, M_MMAP_THRESHOLD, M_PERTURB, M_TOP_PAD, M_TRIM_THRESHOLD, Options
+from .os.libc import PAGE_SIZE as _PAGE
 from .process import ProcessAllocator
 from .region import BreakRegion, BufferRegion, MapRegion, Region
 

@@ -11,7 +11,7 @@ The functions take the heap's word view `W`; chunk offsets are in bytes.
 from __future__ import annotations
 
 from .errors import HeapCorruption
-from .layout import SIZE_MASK, SMALL_LIMIT, bin_index
+from .layout import LARGE_BIN, LARGE_TABLE_LIMIT, SIZE_MASK, SMALL_LIMIT, bin_index
 
 # Header words used by the bins (see heap.py for the whole header).
 H_SMALLMAP = 9
@@ -32,7 +32,7 @@ def insert(W: memoryview, c: int, size: int) -> None:
             W[H_SMALLMAP] |= 1 << i
         W[H_BINS + i] = c
         return
-    i = bin_index(size)
+    i = LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
     prev = 0
     cur = W[H_BINS + i]
     while cur and (W[(cur + 8) >> 3] & SIZE_MASK) < size:
@@ -63,13 +63,20 @@ def check_links(W: memoryview, c: int, size: int) -> None:
 
 
 def unlink(W: memoryview, c: int, size: int) -> None:
-    """Take the free chunk at `c` out of its bin (links already checked by the caller's tier)."""
+    """Take the free chunk at `c` out of its bin; its links are checked first (HeapCorruption, nothing
+    changed, when they are broken)."""
     nxt = W[(c + 16) >> 3]
     prv = W[(c + 24) >> 3]
+    if nxt and W[(nxt + 24) >> 3] != c:
+        raise HeapCorruption(f"free chunk at offset {c:#x}: its next chunk does not link back", c)
     if prv:
+        if W[(prv + 16) >> 3] != c:
+            raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
         W[(prv + 16) >> 3] = nxt
     else:
-        i = size >> 4 if size < SMALL_LIMIT else bin_index(size)
+        i = size >> 4 if size < SMALL_LIMIT else LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
+        if W[H_BINS + i] != c:
+            raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
         W[H_BINS + i] = nxt
         if not nxt:
             if i < 64:
@@ -78,32 +85,6 @@ def unlink(W: memoryview, c: int, size: int) -> None:
                 W[H_LARGEMAP] &= ~(1 << (i - 64))
     if nxt:
         W[(nxt + 24) >> 3] = prv
-
-
-def best_fit(W: memoryview, nb: int) -> int:
-    """The smallest free chunk of at least `nb` bytes, or 0; it stays in its bin."""
-    if nb < SMALL_LIMIT:
-        i = nb >> 4
-        c = W[H_BINS + i]
-        if c:
-            return c
-        m = W[H_SMALLMAP] >> (i + 1)
-        if m:
-            return W[H_BINS + i + (m & -m).bit_length()]
-        m = W[H_LARGEMAP]
-        if m:
-            return W[H_BINS + 63 + (m & -m).bit_length()]
-        return 0
-    i = bin_index(nb)
-    c = W[H_BINS + i]
-    while c:
-        if (W[(c + 8) >> 3] & SIZE_MASK) >= nb:
-            return c
-        c = W[(c + 16) >> 3]
-    m = W[H_LARGEMAP] >> (i - 63)
-    if m:
-        return W[H_BINS + i + (m & -m).bit_length()]
-    return 0
 
 
 def members(W: memoryview, i: int) -> list[int]:

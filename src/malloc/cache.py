@@ -21,8 +21,11 @@ def drain(cache: list[list[int]]) -> list[int]:
     """Empty the cache; returns the addresses it held."""
     out: list[int] = []
     for entries in cache:
-        out.extend(entries)
-        entries.clear()
+        while entries:  # pop one at a time: a block freed meanwhile by another thread stays or goes whole
+            try:
+                out.append(entries.pop())
+            except IndexError:
+                break
     return out
 
 

@@ -28,6 +28,8 @@ from .layout import (
     FOREIGN,
     HEADER,
     IS_MMAPPED,
+    LARGE_BIN,
+    LARGE_TABLE_LIMIT,
     MAX_REQUEST,
     MIN_CHUNK,
     N_BINS,
@@ -68,7 +70,7 @@ def size_arg(n: object, what: str = "size") -> int:
     if n.__class__ is not int:
         if isinstance(n, bool) or not hasattr(n, "__index__"):
             raise TypeError(f"{what} must be an integer, not {type(n).__name__}")
-        n = n.__index__()  # type: ignore[attr-defined]
+        n = n.__index__()
     assert isinstance(n, int)
     if n < 0:
         raise ValueError(f"{what} must not be negative: {n}")
@@ -80,7 +82,7 @@ def address_arg(p: object) -> int:
     if p.__class__ is not int:
         if isinstance(p, bool) or not hasattr(p, "__index__"):
             raise TypeError(f"address must be an integer, not {type(p).__name__}")
-        p = p.__index__()  # type: ignore[attr-defined]
+        p = p.__index__()
     assert isinstance(p, int)
     if p < 0:
         raise InvalidPointer(f"negative address {p}")
@@ -252,14 +254,44 @@ class Heap:
     def allocate(self, nb: int) -> int:
         """Offset of an in-use chunk of at least `nb` bytes from the bins or the top, or 0 if neither can.
 
-        `nb` is a chunk size (see `layout.request_to_size`). Never asks the OS for memory.
+        `nb` is a chunk size (see `layout.request_to_size`). The best fit: the exact small bin, else the
+        first fitting chunk of the size-sorted large bin, else the smallest chunk of the next non-empty
+        bin (the bitmap finds it), else the top. Never asks the OS for memory.
         """
         W = self._w
-        c = bins.best_fit(W, nb)
+        if nb < SMALL_LIMIT:
+            i = nb >> 4
+            c = W[H_BINS + i]
+            if c:
+                # Exact fit, the common case: pop the bin's first chunk.
+                nxt = W[(c + 16) >> 3]
+                if W[(c + 24) >> 3] or (nxt and W[(nxt + 24) >> 3] != c):
+                    raise HeapCorruption(f"free chunk at {self.base + c:#x}: bin links broken", self.base + c)
+                W[H_BINS + i] = nxt
+                if nxt:
+                    W[(nxt + 24) >> 3] = 0
+                else:
+                    W[H_SMALLMAP] &= ~(1 << i)
+                W[(c + nb + 8) >> 3] |= PREV_INUSE
+                W[(c + 8) >> 3] = nb | PREV_INUSE | ((((c >> 4) * 40503 & 0xFFFF) | 1) << 48)
+                W[H_INUSE] += nb
+                return c
+            m = W[H_SMALLMAP] >> (i + 1)
+            if m:
+                c = W[H_BINS + i + (m & -m).bit_length()]
+            else:
+                m = W[H_LARGEMAP]
+                c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
+        else:
+            i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
+            c = W[H_BINS + i]
+            while c and (W[(c + 8) >> 3] & SIZE_MASK) < nb:
+                c = W[(c + 16) >> 3]
+            if not c:
+                m = W[H_LARGEMAP] >> (i - 63)
+                c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
         if c:
-            h = W[(c + 8) >> 3]
-            sz = h & SIZE_MASK
-            bins.check_links(W, c, sz)
+            sz = W[(c + 8) >> 3] & SIZE_MASK
             bins.unlink(W, c, sz)
             rem = sz - nb
             if rem >= MIN_CHUNK:
@@ -270,7 +302,8 @@ class Heap:
                 sz = nb
             else:
                 W[(c + sz + 8) >> 3] |= PREV_INUSE
-            W[(c + 8) >> 3] = sz | (h & PREV_INUSE) | ((((c >> 4) * 40503 & 0xFFFF) | 1) << 48)
+            # A free chunk's predecessor is always in use (free neighbours are coalesced).
+            W[(c + 8) >> 3] = sz | PREV_INUSE | ((((c >> 4) * 40503 & 0xFFFF) | 1) << 48)
             W[H_INUSE] += sz
             return c
         t = W[H_TOP]
@@ -325,26 +358,37 @@ class Heap:
         if start != old_end and new_end - start < nb + MIN_CHUNK:
             self.extend(nb, reason)
 
-    def chunk_of(self, p: int) -> int:
-        """Offset of the live chunk whose block starts at address `p`, or raise; writes nothing.
+    def find_chunk(self, p: int) -> int:
+        """Offset of the live chunk whose block starts at address `p`, or 0; reads only, writes nothing.
 
-        The cheap tier: alignment, range, the in-use tag, size and the neighbours' boundary tags.
-        Anything unexpected is classified by a walk (InvalidPointer, DoubleFree or HeapCorruption).
+        The cheap tier of checks: alignment, range, the in-use tag, the size and the next chunk's
+        PREV_INUSE bit.
         """
         W = self._w
         c = p - self.base - HEADER
         t = W[H_TOP]
         if c < HEAP_HEADER or c >= t or c & 15:
-            if HEAP_HEADER <= c < W[H_END] and not c & 15:
-                raise self._classify(c)
-            raise InvalidPointer(f"{p:#x} is not a block of this heap")
+            return 0
         h = W[(c + 8) >> 3]
         sz = h & SIZE_MASK
         n = c + sz
-        if (h & TAG_MASK) != tag(c) or h & (IS_MMAPPED | FOREIGN) or sz < MIN_CHUNK or n > t \
-                or not W[(n + 8) >> 3] & PREV_INUSE:
-            raise self._classify(c)
+        if (h & TAG_MASK) != ((((c >> 4) * 40503 & 0xFFFF) | 1) << 48) or h & (IS_MMAPPED | FOREIGN) \
+                or sz < MIN_CHUNK or n > t or not W[(n + 8) >> 3] & PREV_INUSE:
+            return 0
         return c
+
+    def chunk_of(self, p: int) -> int:
+        """Offset of the live chunk whose block starts at address `p`; writes nothing.
+
+        When the cheap checks fail, a walk tells why: InvalidPointer, DoubleFree or HeapCorruption.
+        """
+        c = self.find_chunk(p)
+        if c:
+            return c
+        c = p - self.base - HEADER
+        if HEAP_HEADER <= c < self._w[H_END] and not c & 15:
+            raise self._classify(c)
+        raise InvalidPointer(f"{p:#x} is not a block of this heap")
 
     def release(self, c: int) -> int:
         """Free the in-use chunk at `c` (found by `chunk_of`): coalesce it and bin it or merge it into top.
@@ -360,27 +404,24 @@ class Heap:
         nh = W[(n + 8) >> 3]
         nsz = nh & SIZE_MASK
         next_free = n != t and not W[(n + nsz + 8) >> 3] & PREV_INUSE
-        if n != t:
-            if nsz < HEADER or n + nsz > t:
-                raise HeapCorruption(f"chunk after {self.base + c:#x} has a bad size {nsz}", self.base + n)
-            if next_free:
-                bins.check_links(W, n, nsz)
+        if n != t and (nsz < HEADER or n + nsz > t):
+            raise HeapCorruption(f"chunk after {self.base + c:#x} has a bad size {nsz}", self.base + n)
+        freed = sz
         if not h & PREV_INUSE:
             psz = W[c >> 3]
             pc = c - psz
             if psz < MIN_CHUNK or psz & 15 or pc < HEAP_HEADER or (W[(pc + 8) >> 3] & ~PREV_INUSE) != psz:
                 raise HeapCorruption(f"chunk before {self.base + c:#x} has a bad boundary tag {psz}",
                                      self.base + c)
-            bins.check_links(W, pc, psz)
+            if next_free:
+                bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
             bins.unlink(W, pc, psz)
-            W[H_INUSE] -= sz
             c = pc
             sz += psz
-        else:
-            W[H_INUSE] -= sz
         if n == t:
             W[(c + 8) >> 3] = (sz + nsz) | PREV_INUSE
             W[H_TOP] = c
+            W[H_INUSE] -= freed
             return sz + nsz
         if next_free:
             bins.unlink(W, n, nsz)
@@ -389,6 +430,7 @@ class Heap:
             W[(n + 8) >> 3] = nh & ~PREV_INUSE
         W[(c + 8) >> 3] = sz | PREV_INUSE
         W[(c + sz) >> 3] = sz
+        W[H_INUSE] -= freed
         bins.insert(W, c, sz)
         return 0
 
@@ -433,7 +475,6 @@ class Heap:
         nsz = nh & SIZE_MASK
         if W[(n + nsz + 8) >> 3] & PREV_INUSE or sz + nsz < nb:
             return False
-        bins.check_links(W, n, nsz)
         bins.unlink(W, n, nsz)
         total = sz + nsz
         if total - nb >= MIN_CHUNK:

@@ -71,6 +71,15 @@ def bin_index(size: int) -> int:
     return 127
 
 
+def _large_table() -> bytes:
+    return bytes(bin_index(size) for size in range(0, LARGE_TABLE_LIMIT, 64))
+
+
+LARGE_TABLE_LIMIT = 524288
+# bin_index(size) == LARGE_BIN[size >> 6] for SMALL_LIMIT <= size < LARGE_TABLE_LIMIT: one lookup in hot paths.
+LARGE_BIN = _large_table()
+
+
 def page_align_up(n: int, page: int) -> int:
     """`n` rounded up to a multiple of `page` (a power of two)."""
     return (n + page - 1) & ~(page - 1)

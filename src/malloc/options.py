@@ -79,11 +79,14 @@ class Options:
         self.dynamic = False
         return 1
 
-    def freed_mapped_chunk(self, size: int) -> None:
-        """The dynamic threshold's rule, applied when a mapped chunk of `size` bytes is freed."""
+    def freed_mapped_chunk(self, size: int) -> bool:
+        """The dynamic threshold's rule, applied when a mapped chunk of `size` bytes is freed;
+        True if the thresholds moved."""
         if self.dynamic and self.mmap_threshold < size <= DEFAULT_MMAP_THRESHOLD_MAX:
             self.mmap_threshold = size
             self.trim_threshold = 2 * size
+            return True
+        return False
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> Options:

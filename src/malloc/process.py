@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from . import cache as fast_cache
 from .errors import DoubleFree, HeapCorruption, InvalidPointer
-from .heap import HEAP_HEADER, H_CLEAN, H_TOP, Chunk, Heap, address_arg, alignment_arg, size_arg
+from .heap import H_CLEAN, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, alignment_arg, size_arg
 from .info import MallInfo
 from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, SIZE_MASK, page_align_up
 from .options import Options
@@ -48,6 +48,9 @@ class ProcessAllocator:
         self._mapped_bytes = 0
         self._system_max = 0
         self._cache = fast_cache.new_cache()
+        self._perturb = 0  # read on every fast path; _sync_options keeps these two in step
+        self._trim_trigger = 0  # top size from which a free tries to trim
+        self._sync_options()
         self._pid = os.getpid()
 
     # ----------------------------------------------------------- allocation
@@ -57,18 +60,26 @@ class ProcessAllocator:
         if n.__class__ is not int or n < 0:
             n = size_arg(n)
         nb = (n + 23) & ~15 if n > 24 else MIN_CHUNK
-        with self._lock:
-            if nb <= CACHE_MAX:
-                entries = self._cache[nb >> 4]
-                if entries:
-                    p = entries.pop()
-                    if self.options.perturb:
-                        libc.memset(p, self.options.perturb ^ 0xFF, nb - OVERHEAD)
+        if nb <= CACHE_MAX:
+            entries = self._cache[nb >> 4]
+            if entries:
+                try:
+                    p = entries.pop()  # atomic under the GIL: the fast cache needs no lock
+                except IndexError:  # another thread took the last one
+                    p = 0
+                if p:
+                    if self._perturb:
+                        libc.memset(p, self._perturb ^ 0xFF, nb - OVERHEAD)
                     return p
+        lock = self._lock
+        lock.acquire()
+        try:
             p = self._allocate(n, nb, False)
-            if self.options.perturb:
-                libc.memset(p, self.options.perturb ^ 0xFF, n)
-            return p
+        finally:
+            lock.release()
+        if self._perturb:
+            libc.memset(p, self._perturb ^ 0xFF, n)
+        return p
 
     def calloc(self, count: int, size: int) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product overflows.
@@ -79,13 +90,17 @@ class ProcessAllocator:
         if total > MAX_REQUEST:
             raise MemoryError(f"calloc({count}, {size}) overflows")
         nb = request_size(total)
-        with self._lock:
-            if nb <= CACHE_MAX:
-                entries = self._cache[nb >> 4]
-                if entries:
+        if nb <= CACHE_MAX:
+            entries = self._cache[nb >> 4]
+            if entries:
+                try:
                     p = entries.pop()
+                except IndexError:
+                    p = 0
+                if p:
                     libc.memset(p, 0, nb - OVERHEAD)
                     return p
+        with self._lock:
             return self._allocate(total, nb, True)
 
     def _allocate(self, n: int, nb: int, zero: bool) -> int:
@@ -93,7 +108,7 @@ class ProcessAllocator:
         if n > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {n} bytes")
         for heap in self._heaps:
-            clean = heap._w[H_CLEAN]
+            clean = heap._w[H_CLEAN] if zero else 0
             c = heap.allocate(nb)
             if c:
                 if zero:
@@ -137,9 +152,9 @@ class ProcessAllocator:
             except MemoryError:
                 continue
         size = max(HEAP_HEADER + nb + MIN_CHUNK + opts.top_pad, FALLBACK_HEAP_MIN)
-        region = MapRegion(size, reason + ": the break cannot grow, so a heap over a mapping",
-                           reserve=max(MAP_RESERVE, page_align_up(size, PAGE)))
-        heap = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
+        mapping = MapRegion(size, reason + ": the break cannot grow, so a heap over a mapping",
+                            reserve=max(MAP_RESERVE, page_align_up(size, PAGE)))
+        heap = Heap(mapping, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
         self._add_heap(heap)
         self._note_system()
         return heap
@@ -178,8 +193,38 @@ class ProcessAllocator:
             p = address_arg(p)
         if not p:
             return
-        with self._lock:
+        main = self._main
+        if main is not None:
+            # The common case needs no lock: a live small block of the main heap joins the fast cache.
+            # Only the block's own header and its successor's are read, which no other thread may change.
+            c = main.find_chunk(p)
+            if c:
+                sz = main._w[(c + 8) >> 3] & SIZE_MASK
+                if sz <= CACHE_MAX:
+                    entries = self._cache[sz >> 4]
+                    if p in entries:
+                        raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
+                    if len(entries) < CACHE_COUNT:
+                        if self._perturb:
+                            libc.memset(p, self._perturb, sz - OVERHEAD)
+                        entries.append(p)
+                        return
+                if self._perturb:
+                    libc.memset(p, self._perturb, sz - OVERHEAD)
+                lock = self._lock
+                lock.acquire()
+                try:
+                    if main.release(c) >= self._trim_trigger:
+                        self._trim_heap(main, "top chunk exceeds the trim threshold after a free")
+                finally:
+                    lock.release()
+                return
+        lock = self._lock
+        lock.acquire()
+        try:
             self._free(p)
+        finally:
+            lock.release()
 
     def _free(self, p: int) -> None:
         mapped = self._mapped.get(p)
@@ -189,7 +234,7 @@ class ProcessAllocator:
         heap = self._heap_of(p)
         c = heap.chunk_of(p)
         sz = heap._w[(c + 8) >> 3] & SIZE_MASK
-        perturb = self.options.perturb
+        perturb = self._perturb
         if sz <= CACHE_MAX:
             entries = self._cache[sz >> 4]
             if p in entries:
@@ -201,7 +246,7 @@ class ProcessAllocator:
                 return
         if perturb:
             libc.memset(p, perturb, sz - OVERHEAD)
-        if heap.release(c) >= self.options.trim_threshold:
+        if heap.release(c) >= self._trim_trigger:
             self._trim_heap(heap, "top chunk exceeds the trim threshold after a free")
 
     def _trim_heap(self, heap: Heap, reason: str) -> None:
@@ -226,7 +271,8 @@ class ProcessAllocator:
         del self._mapped[p]
         self._mapped_bytes -= length
         libc.munmap(m, length, f"free of a {length}-byte mapped chunk")
-        self.options.freed_mapped_chunk(length - (p - HEADER - m))
+        if self.options.freed_mapped_chunk(length - (p - HEADER - m)):
+            self._sync_options()
 
     def _check_mapped(self, p: int, m: int, length: int) -> None:
         header = libc.memory_view(p - HEADER, HEADER).cast("Q")
@@ -273,7 +319,7 @@ class ProcessAllocator:
             if heap.resize_in_place(c, nb, grow_top=nb < self.options.mmap_threshold):
                 self._note_system()
                 W = heap._w
-                if W[(W[H_TOP] + 8) >> 3] & SIZE_MASK >= self.options.trim_threshold:
+                if W[(W[H_TOP] + 8) >> 3] & SIZE_MASK >= self._trim_trigger:
                     self._trim_heap(heap, "top chunk exceeds the trim threshold after a shrink")
                 return p
             old_usable = (heap._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
@@ -453,10 +499,19 @@ class ProcessAllocator:
         """Change a setting under glibc's rules (see `options`); returns 1."""
         with self._lock:
             result = self.options.mallopt(param, value)
-            for heap in self._heaps:
-                heap.top_pad = self.options.top_pad
-                heap.trim_threshold = self.options.trim_threshold
+            self._sync_options()
             return result
+
+    def _sync_options(self) -> None:
+        """Copy the settings the hot paths read into plain attributes (and onto the heaps)."""
+        opts = self.options
+        self._perturb = opts.perturb
+        # glibc tries to trim once the top reaches the trim threshold; a trim can release nothing
+        # until the top exceeds the pad by a page, so that is checked here, once, instead of on every free.
+        self._trim_trigger = max(opts.trim_threshold, opts.top_pad + MIN_CHUNK + PAGE)
+        for heap in self._heaps:
+            heap.top_pad = opts.top_pad
+            heap.trim_threshold = opts.trim_threshold
 
     # ----------------------------------------------------------------- fork
 

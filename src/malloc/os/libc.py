@@ -64,7 +64,7 @@ memmove = ctypes.memmove
 memset = ctypes.memset
 
 
-def _fail(call: str) -> OSError:
+def _fail(call: str) -> Exception:
     err = ctypes.get_errno()
     if err == errno.ENOMEM:
         return MemoryError(f"{call}: {os.strerror(err)}")

@@ -1,0 +1,1 @@
+"""Allocation traces: parsers for recorded request sequences, to replay through an allocator."""
