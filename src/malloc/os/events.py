@@ -54,3 +54,17 @@ def detach(sink: list[Event]) -> None:
 def snapshot() -> dict[str, int]:
     """A copy of the call counts, to subtract from a later one."""
     return dict(counts)
+
+
+class Recorder:
+    """`with Recorder() as calls:` collects the events made inside the block into the list `calls`."""
+
+    def __init__(self) -> None:
+        self.calls: list[Event] = []
+
+    def __enter__(self) -> list[Event]:
+        attach(self.calls)
+        return self.calls
+
+    def __exit__(self, *exc: object) -> None:
+        detach(self.calls)
