@@ -16,7 +16,7 @@ from __future__ import annotations
 import os as _os
 
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
-from .heap import Chunk, Heap
+from .heap import Chunk, Heap, size_arg
 from .info import MallInfo, format_stats
 from .options import M_MMAP_MAX, M_MMAP_THRESHOLD, M_PERTURB, M_TOP_PAD, M_TRIM_THRESHOLD, Options
 from .os.libc import PAGE_SIZE as _PAGE
@@ -60,7 +60,7 @@ def aligned_alloc(alignment: int, size: int) -> int:
 
 def posix_memalign(alignment: int, size: int) -> int:
     """`memalign` that also requires `alignment` to be a multiple of the pointer size, as POSIX does."""
-    if isinstance(alignment, int) and alignment % 8:
+    if size_arg(alignment, "alignment") % 8:
         raise ValueError(f"alignment must be a multiple of 8, not {alignment}")
     return allocator.memalign(alignment, size)
 
@@ -72,16 +72,16 @@ def valloc(size: int) -> int:
 
 def pvalloc(size: int) -> int:
     """A page-aligned block whose size is rounded up to whole pages (at least one)."""
-    if isinstance(size, int) and size >= 0:
-        size = max(_PAGE, (size + _PAGE - 1) & ~(_PAGE - 1))
-    return allocator.memalign(_PAGE, size)
+    n = size_arg(size)
+    return allocator.memalign(_PAGE, max(_PAGE, (n + _PAGE - 1) & ~(_PAGE - 1)))
 
 
 def reallocarray(p: int, count: int, size: int) -> int:
     """`realloc(p, count * size)`, with a MemoryError instead of an overflowing product."""
-    if isinstance(count, int) and isinstance(size, int) and count >= 0 and size >= 0 and count * size >= 1 << 63:
+    total = size_arg(count, "count") * size_arg(size)
+    if total >= 1 << 63:
         raise MemoryError(f"reallocarray: {count} * {size} overflows")
-    return allocator.realloc(p, count * size)
+    return allocator.realloc(p, total)
 
 
 def malloc_trim(pad: int = 0) -> int:

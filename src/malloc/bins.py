@@ -21,23 +21,28 @@ H_BINS = 16
 
 def insert(W: memoryview, c: int, size: int) -> None:
     """Put the free chunk at `c` into its bin."""
-    if size < SMALL_LIMIT:
-        i = size >> 4
-        head = W[H_BINS + i]
-        W[(c + 16) >> 3] = head
-        W[(c + 24) >> 3] = 0
-        if head:
-            W[(head + 24) >> 3] = c
-        else:
-            W[H_SMALLMAP] |= 1 << i
-        W[H_BINS + i] = c
-        return
-    i = LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
-    prev = 0
-    cur = W[H_BINS + i]
-    while cur and (W[(cur + 8) >> 3] & SIZE_MASK) < size:
-        prev = cur
-        cur = W[(cur + 16) >> 3]
+    try:
+        if size < SMALL_LIMIT:
+            i = size >> 4
+            head = W[H_BINS + i]
+            W[(c + 16) >> 3] = head
+            W[(c + 24) >> 3] = 0
+            if head:
+                W[(head + 24) >> 3] = c
+            else:
+                W[H_SMALLMAP] |= 1 << i
+            W[H_BINS + i] = c
+            return
+        i = LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
+        prev = 0
+        cur = W[H_BINS + i]
+        while cur and (W[(cur + 8) >> 3] & SIZE_MASK) < size:
+            if W[(cur + 24) >> 3] != prev:  # also ends a cycle made by an overwritten link
+                raise HeapCorruption(f"free chunk at offset {cur:#x}: back link broken", cur)
+            prev = cur
+            cur = W[(cur + 16) >> 3]
+    except IndexError:
+        raise HeapCorruption(f"bin links lead out of the heap near offset {c:#x}", c) from None
     W[(c + 16) >> 3] = cur
     W[(c + 24) >> 3] = prev
     if cur:
@@ -51,32 +56,28 @@ def insert(W: memoryview, c: int, size: int) -> None:
 
 def check_links(W: memoryview, c: int, size: int) -> None:
     """Raise HeapCorruption unless the free chunk at `c` is linked both ways (glibc's unlink check)."""
-    nxt = W[(c + 16) >> 3]
-    prv = W[(c + 24) >> 3]
-    if nxt and W[(nxt + 24) >> 3] != c:
-        raise HeapCorruption(f"free chunk at offset {c:#x}: its next chunk does not link back", c)
-    if prv:
-        if W[(prv + 16) >> 3] != c:
-            raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
-    elif W[H_BINS + bin_index(size)] != c:
-        raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
+    try:
+        nxt = W[(c + 16) >> 3]
+        prv = W[(c + 24) >> 3]
+        if nxt and W[(nxt + 24) >> 3] != c:
+            raise HeapCorruption(f"free chunk at offset {c:#x}: its next chunk does not link back", c)
+        if prv:
+            if W[(prv + 16) >> 3] != c:
+                raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
+        elif W[H_BINS + bin_index(size)] != c:
+            raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
+    except IndexError:
+        raise HeapCorruption(f"free chunk at offset {c:#x}: its links lead out of the heap", c) from None
 
 
 def unlink(W: memoryview, c: int, size: int) -> None:
-    """Take the free chunk at `c` out of its bin; its links are checked first (HeapCorruption, nothing
-    changed, when they are broken)."""
+    """Take the free chunk at `c` out of its bin; the caller has checked its links (`check_links`)."""
     nxt = W[(c + 16) >> 3]
     prv = W[(c + 24) >> 3]
-    if nxt and W[(nxt + 24) >> 3] != c:
-        raise HeapCorruption(f"free chunk at offset {c:#x}: its next chunk does not link back", c)
     if prv:
-        if W[(prv + 16) >> 3] != c:
-            raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
         W[(prv + 16) >> 3] = nxt
     else:
         i = size >> 4 if size < SMALL_LIMIT else LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
-        if W[H_BINS + i] != c:
-            raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
         W[H_BINS + i] = nxt
         if not nxt:
             if i < 64:

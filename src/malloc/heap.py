@@ -222,6 +222,7 @@ class Heap:
         nb = request_to_size(n)
         if self.resize_in_place(c, nb, grow_top=True):
             return p
+        self.release(c, check_only=True)  # a block that cannot be freed must not be moved
         q = self.malloc(n)
         old_usable = (self._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
         libc.memmove(q, p, min(old_usable, n))
@@ -265,7 +266,7 @@ class Heap:
             if c:
                 # Exact fit, the common case: pop the bin's first chunk.
                 nxt = W[(c + 16) >> 3]
-                if W[(c + 24) >> 3] or (nxt and W[(nxt + 24) >> 3] != c):
+                if W[(c + 24) >> 3] or (nxt and (nxt >= len(W) << 3 or W[(nxt + 24) >> 3] != c)):
                     raise HeapCorruption(f"free chunk at {self.base + c:#x}: bin links broken", self.base + c)
                 W[H_BINS + i] = nxt
                 if nxt:
@@ -285,13 +286,25 @@ class Heap:
         else:
             i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
             c = W[H_BINS + i]
-            while c and (W[(c + 8) >> 3] & SIZE_MASK) < nb:
-                c = W[(c + 16) >> 3]
+            prev = 0
+            try:
+                while c and (W[(c + 8) >> 3] & SIZE_MASK) < nb:
+                    if W[(c + 24) >> 3] != prev:  # also ends a cycle made by an overwritten link
+                        raise HeapCorruption(f"free chunk at {self.base + c:#x}: back link broken", self.base + c)
+                    prev = c
+                    c = W[(c + 16) >> 3]
+            except IndexError:
+                raise HeapCorruption(f"bin {i} links lead out of the heap", self.base + prev) from None
             if not c:
                 m = W[H_LARGEMAP] >> (i - 63)
                 c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
         if c:
+            if c & 15 or c >= W[H_TOP]:
+                raise HeapCorruption(f"a bin links to offset {c:#x}, which is no chunk", self.base)
             sz = W[(c + 8) >> 3] & SIZE_MASK
+            if sz < nb or c + sz >= W[H_TOP]:
+                raise HeapCorruption(f"free chunk at {self.base + c:#x} has a bad size {sz}", self.base + c)
+            bins.check_links(W, c, sz)
             bins.unlink(W, c, sz)
             rem = sz - nb
             if rem >= MIN_CHUNK:
@@ -310,6 +323,8 @@ class Heap:
         tsz = W[(t + 8) >> 3] & SIZE_MASK
         if tsz < nb + MIN_CHUNK:
             return 0
+        if t + tsz != W[H_END]:
+            raise HeapCorruption(f"top chunk at {self.base + t:#x} has a bad size {tsz}", self.base + t)
         top = t + nb
         W[(top + 8) >> 3] = (tsz - nb) | PREV_INUSE
         W[H_TOP] = top
@@ -328,7 +343,12 @@ class Heap:
         need = nb + MIN_CHUNK - tsz
         if need <= 0:
             return
-        start = self.region.grow(need + self.top_pad, reason)
+        try:
+            start = self.region.grow(need + self.top_pad, reason)
+        except MemoryError:
+            if not self.top_pad:
+                raise
+            start = self.region.grow(need, reason + " (without the top pad)")
         W = self._w = self.region.words
         new_end = self.region.size
         if start == old_end:
@@ -390,11 +410,12 @@ class Heap:
             raise self._classify(c)
         raise InvalidPointer(f"{p:#x} is not a block of this heap")
 
-    def release(self, c: int) -> int:
+    def release(self, c: int, *, check_only: bool = False) -> int:
         """Free the in-use chunk at `c` (found by `chunk_of`): coalesce it and bin it or merge it into top.
 
-        Its neighbours are checked before anything is written. Returns the top's new size when the
-        chunk merged into the top (the caller may trim), else 0.
+        Its neighbours are checked before anything is written (HeapCorruption, nothing changed);
+        `check_only` stops there. Returns the top's new size when the chunk merged into the top (the
+        caller may trim), else 0.
         """
         W = self._w
         h = W[(c + 8) >> 3]
@@ -403,18 +424,27 @@ class Heap:
         t = W[H_TOP]
         nh = W[(n + 8) >> 3]
         nsz = nh & SIZE_MASK
-        next_free = n != t and not W[(n + nsz + 8) >> 3] & PREV_INUSE
-        if n != t and (nsz < HEADER or n + nsz > t):
-            raise HeapCorruption(f"chunk after {self.base + c:#x} has a bad size {nsz}", self.base + n)
-        freed = sz
+        next_free = False
+        if n != t:
+            if nsz < HEADER or n + nsz > t:
+                raise HeapCorruption(f"chunk after {self.base + c:#x} has a bad size {nsz}", self.base + n)
+            next_free = not W[(n + nsz + 8) >> 3] & PREV_INUSE
+            if next_free:
+                bins.check_links(W, n, nsz)
+            elif not nh & FOREIGN and nh & TAG_MASK != ((((n >> 4) * 40503 & 0xFFFF) | 1) << 48):
+                raise HeapCorruption(f"header of the chunk after {self.base + c:#x} was overwritten", self.base + n)
+        pc = psz = 0
         if not h & PREV_INUSE:
             psz = W[c >> 3]
             pc = c - psz
             if psz < MIN_CHUNK or psz & 15 or pc < HEAP_HEADER or (W[(pc + 8) >> 3] & ~PREV_INUSE) != psz:
                 raise HeapCorruption(f"chunk before {self.base + c:#x} has a bad boundary tag {psz}",
                                      self.base + c)
-            if next_free:
-                bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
+            bins.check_links(W, pc, psz)
+        if check_only:
+            return 0
+        freed = sz
+        if psz:
             bins.unlink(W, pc, psz)
             c = pc
             sz += psz
@@ -458,7 +488,10 @@ class Heap:
             if sz + tsz < nb + MIN_CHUNK:
                 if not grow_top:
                     return False
-                self.extend(nb - sz, "heap top too small to grow a block in place")
+                try:
+                    self.extend(nb - sz, "heap top too small to grow a block in place")
+                except MemoryError:
+                    return False  # the caller moves the block instead
                 W = self._w
                 if W[H_TOP] != t:  # the region continued past a foreign span: cannot grow here
                     return False
@@ -475,6 +508,7 @@ class Heap:
         nsz = nh & SIZE_MASK
         if W[(n + nsz + 8) >> 3] & PREV_INUSE or sz + nsz < nb:
             return False
+        bins.check_links(W, n, nsz)
         bins.unlink(W, n, nsz)
         total = sz + nsz
         if total - nb >= MIN_CHUNK:
@@ -525,6 +559,7 @@ class Heap:
         when the region cannot shrink, they are released with madvise instead, once (the clean mark
         remembers). With `inner`, the whole pages inside every large free chunk are released too.
         """
+        pad = size_arg(pad, "pad")
         W = self._w
         region = self.region
         page = libc.PAGE_SIZE
@@ -563,6 +598,9 @@ class Heap:
                 if off == c:
                     if word & FOREIGN:
                         return InvalidPointer(f"{p:#x} is inside memory of the C library's own malloc")
+                    if word & TAG_MASK == tag(off):
+                        return HeapCorruption(f"the chunk after the block at {p:#x} was damaged "
+                                              "(its size or PREV_INUSE bit overwritten)", self.base + off + size)
                     if self._is_free(off, size):
                         return DoubleFree(f"double free: the block at {p:#x} is already free")
                     return HeapCorruption(f"chunk header at {self.base + c:#x} was overwritten", self.base + c)

@@ -144,7 +144,9 @@ class ProcessAllocator:
             return main
         except MemoryError:
             pass
-        for heap in self._heaps[1:]:
+        for heap in self._heaps:
+            if heap is main:
+                continue
             try:
                 heap.extend(nb, reason + " (the break cannot grow)")
                 self._note_system()
@@ -308,6 +310,8 @@ class ProcessAllocator:
                 if n == 0:
                     self._unmap_chunk(p, mapped)
                     return 0
+                if n > MAX_REQUEST:
+                    raise MemoryError(f"cannot allocate {n} bytes")
                 return self._remap(p, mapped, n)
             heap, c = self._live_chunk(p)
             if n == 0:
@@ -322,6 +326,7 @@ class ProcessAllocator:
                 if W[(W[H_TOP] + 8) >> 3] & SIZE_MASK >= self._trim_trigger:
                     self._trim_heap(heap, "top chunk exceeds the trim threshold after a shrink")
                 return p
+            heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
             old_usable = (heap._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
             q = self._allocate(n, nb, False)
             libc.memmove(q, p, min(old_usable, n))

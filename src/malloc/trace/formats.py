@@ -96,16 +96,14 @@ def parse_rep(path: str | os.PathLike[str]) -> Trace:
             if size > _MAX_SIZE:
                 raise fail(lineno, f"bad number: size {size} is too large")
         id_text = fields[1]
-        if id_text == "-1":
+        if not id_text.removeprefix("-").isdigit():
+            raise fail(lineno, f"bad number: id {id_text!r} is not an integer")
+        ident = int(id_text)
+        if ident == -1:
             if code != FREE:
                 raise fail(lineno, "id out of range: -1 (free(NULL)) is only valid in 'f'")
-            ident = -1
-        elif id_text.isdigit():
-            ident = int(id_text)
-            if ident >= num_ids:
-                raise fail(lineno, f"id out of range: {ident} is not below the declared {num_ids} ids")
-        else:
-            raise fail(lineno, f"bad number: id {id_text!r} is not an integer")
+        elif not 0 <= ident < num_ids:
+            raise fail(lineno, f"id out of range: {ident} is not in [0, {num_ids}) (the declared id count)")
         append((code, ident, size))
     if len(ops) != num_ops:
         raise fail(len(lines) + 1, f"wrong op count: {len(ops)} ops, the header declares {num_ops}")
