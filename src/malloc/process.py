@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from bisect import bisect_right
 from collections.abc import Iterator
 
 from . import cache as fast_cache
-from .errors import DoubleFree, HeapCorruption, InvalidPointer
+from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import H_CLEAN, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, alignment_arg, size_arg
 from .info import MallInfo
 from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, SIZE_MASK, page_align_up
@@ -39,7 +40,10 @@ class ProcessAllocator:
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options if options is not None else Options.from_environment()
-        self._lock = threading.Lock()
+        # Re-entrant, so that a free from a finalizer run by the garbage collector inside one of our own
+        # locked sections can see it is nested (and defer) instead of deadlocking.
+        self._lock = threading.RLock()
+        self._deferred: list[int] = []  # frees made while this thread was inside the allocator
         self._main: Heap | None = None  # the heap on the program break, made on first need
         self._heaps: list[Heap] = []  # every heap, the main one first
         self._starts: list[int] = []  # heap bases, sorted, for bisect
@@ -74,6 +78,8 @@ class ProcessAllocator:
         lock = self._lock
         lock.acquire()
         try:
+            if self._deferred:
+                self._free_deferred()
             p = self._allocate(n, nb, False)
         finally:
             lock.release()
@@ -214,19 +220,38 @@ class ProcessAllocator:
                 if self._perturb:
                     libc.memset(p, self._perturb, sz - OVERHEAD)
                 lock = self._lock
+                if lock._is_owned():  # type: ignore[attr-defined]
+                    self._deferred.append(p)  # nested in our own call (a finalizer): free it on the way out
+                    return
                 lock.acquire()
                 try:
+                    if self._deferred:
+                        self._free_deferred()
                     if main.release(c) >= self._trim_trigger:
                         self._trim_heap(main, "top chunk exceeds the trim threshold after a free")
                 finally:
                     lock.release()
                 return
         lock = self._lock
+        if lock._is_owned():  # type: ignore[attr-defined]
+            self._deferred.append(p)
+            return
         lock.acquire()
         try:
+            if self._deferred:
+                self._free_deferred()
             self._free(p)
         finally:
             lock.release()
+
+    def _free_deferred(self) -> None:
+        """Carry out the frees that finalizers asked for while this thread was inside the allocator."""
+        while self._deferred:
+            p = self._deferred.pop()
+            try:
+                self._free(p)
+            except HeapError as exc:
+                warnings.warn(f"a deferred free failed: {exc}", RuntimeWarning, stacklevel=3)
 
     def _free(self, p: int) -> None:
         mapped = self._mapped.get(p)
@@ -528,7 +553,7 @@ class ProcessAllocator:
 
     def after_fork_child(self) -> None:
         """In the child: a fresh lock, and the inherited fast cache emptied back into the heap."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._pid = os.getpid()
         self._flush_cache()
 
