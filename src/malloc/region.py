@@ -106,7 +106,9 @@ class BreakRegion(Region):
 
     def shrink(self, nbytes: int, reason: str) -> bool:
         end = self.base + self.size
-        if nbytes <= 0 or libc.current_break() != end or libc.thread_count() != 1:
+        # Count threads first: listing /proc/self/task allocates, and the C library may move the break
+        # for it. The break is compared last, right before it is lowered, with nothing in between.
+        if nbytes <= 0 or libc.thread_count() != 1 or libc.current_break() != end:
             return False
         libc.sbrk(-nbytes, reason)
         self.size -= nbytes
