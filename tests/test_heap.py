@@ -7,7 +7,7 @@ blocks, the region's size and the system calls recorded in `malloc.os.events`.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 
 import pytest
@@ -353,8 +353,9 @@ def test_buffer_heap_runs_out_with_memory_error_and_changes_nothing() -> None:
     a = h.malloc(10000)
     fill(a, 10000, 1)
     before = bytes(buf)
-    for call in (lambda: h.malloc(100000), lambda: h.calloc(1000, 100), lambda: h.memalign(4096, 60000),
-                 lambda: h.realloc(a, 200000)):
+    calls: list[Callable[[], object]] = [lambda: h.malloc(100000), lambda: h.calloc(1000, 100),
+                                         lambda: h.memalign(4096, 60000), lambda: h.realloc(a, 200000)]
+    for call in calls:
         with pytest.raises(MemoryError):
             call()
         assert bytes(buf) == before

@@ -25,20 +25,23 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 import malloc
 from malloc.heap import HEAP_HEADER
-from malloc.layout import HEADER
+from malloc.layout import HEADER, MIN_CHUNK, request_to_size
+from malloc.process import CACHE_MAX
 
 KiB = 1024
 MiB = 1024 * KiB
 
 # Small sizes dominate; the rest sit on the boundaries that change the code path: the small-bin limit
-# (1008/1024-byte chunks), the fast cache's largest size (1032 usable, 1040-byte chunk), the 128 KiB mmap
-# threshold, and a few MiB (mapped, or grown into the heap once the dynamic threshold has risen).
+# (1008/1024-byte chunks, glibc's tcache limit of 1032 usable bytes), the process allocator's fast-cache
+# limit, the 128 KiB mmap threshold, and a few MiB (mapped, or grown into the heap once the dynamic
+# threshold has risen).
 SIZES = st.one_of(
     st.integers(0, 48),
     st.integers(0, 256),
     st.integers(0, 256),
     st.integers(49, 1000),
     st.integers(990, 1060),
+    st.integers(CACHE_MAX - 96, CACHE_MAX + 64),
     st.integers(1000, 70_000),
     st.integers(128 * KiB - 64, 128 * KiB + 64),
     st.integers(1 * MiB, 3 * MiB),
@@ -47,7 +50,7 @@ ALIGNMENTS = st.sampled_from([1, 2, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384, 
 COUNTS = st.sampled_from([0, 1, 2, 3, 7, 16, 100])
 
 SETTINGS = settings(
-    max_examples=120,
+    max_examples=150,
     stateful_step_count=50,
     deadline=None,
     derandomize=True,
@@ -117,20 +120,30 @@ class AllocatorModel(RuleBasedStateMachine):
 
     # --------------------------------------------------------------- helpers
 
-    def attempt(self, call: Any) -> int | None:
-        """The call's result, or None when it ran out of memory where that is allowed (and changed nothing)."""
+    def attempt(self, call: Any, need: int) -> int | None:
+        """The call's result, or None when it ran out of memory where that is allowed (and changed nothing).
+
+        `need` is the chunk size the call needs; a MemoryError while a free chunk or the top could hold
+        that many bytes is a failure.
+        """
         if not self.may_run_out:
             result: int = call()
             return result
         before = self.fingerprint()
+        room = self.room()
         try:
             result = call()
         except MemoryError:
             event("MemoryError (nothing changed)")
             assert self.fingerprint() == before, "a call that raised MemoryError changed the heap"
             self.alloc.check()
+            assert need > room, f"MemoryError for a {need}-byte chunk while the heap had room for {room}"
             return None
         return result
+
+    def room(self) -> int:
+        """The largest chunk the heap can hand out without growing."""
+        return 0
 
     def adopt(self, p: int, requested: int, *, zero: bool = False, alignment: int = 16) -> Block:
         assert p != 0, "a block (even of 0 bytes) is never at address 0"
@@ -161,29 +174,30 @@ class AllocatorModel(RuleBasedStateMachine):
 
     @rule(target=blocks, n=SIZES)
     def malloc(self, n: int) -> Any:
-        p = self.attempt(lambda: self.alloc.malloc(n))
+        p = self.attempt(lambda: self.alloc.malloc(n), request_to_size(n))
         return multiple() if p is None else self.adopt(p, n)
 
     @rule(target=blocks, count=COUNTS, n=SIZES)
     def calloc(self, count: int, n: int) -> Any:
         size = n // max(count, 1)
-        p = self.attempt(lambda: self.alloc.calloc(count, size))
+        p = self.attempt(lambda: self.alloc.calloc(count, size), request_to_size(count * size))
         return multiple() if p is None else self.adopt(p, count * size, zero=True)
 
     @rule(target=blocks, alignment=ALIGNMENTS, n=SIZES)
     def memalign(self, alignment: int, n: int) -> Any:
-        p = self.attempt(lambda: self.alloc.memalign(alignment, n))
+        need = request_to_size(n) + (alignment + MIN_CHUNK if alignment > 16 else 0)
+        p = self.attempt(lambda: self.alloc.memalign(alignment, n), need)
         return multiple() if p is None else self.adopt(p, n, alignment=alignment)
 
     @rule(target=blocks, n=SIZES)
     def realloc_of_null(self, n: int) -> Any:
-        p = self.attempt(lambda: self.alloc.realloc(0, n))
+        p = self.attempt(lambda: self.alloc.realloc(0, n), request_to_size(n))
         return multiple() if p is None else self.adopt(p, n)
 
     @rule(target=blocks, b=consumes(blocks), n=SIZES)
     def realloc(self, b: Block, n: int) -> Any:
         assert_filled(b)
-        q = self.attempt(lambda: self.alloc.realloc(b.address, n))
+        q = self.attempt(lambda: self.alloc.realloc(b.address, n), request_to_size(n))
         if q is None:  # ran out: the old block is untouched and still live
             assert_filled(b)
             assert self.alloc.usable_size(b.address) == b.usable
@@ -334,6 +348,12 @@ class HeapModel(AllocatorModel):
         h: malloc.Heap = self.alloc
         return ctypes.string_at(h.base, HEAP_HEADER), list(h.walk()), h.region.size
 
+    def room(self) -> int:
+        """The largest free chunk, or what the top can give while keeping a minimal top chunk."""
+        h: malloc.Heap = self.alloc
+        sizes = [c.size - (MIN_CHUNK if c.state == "top" else 0) for c in h.walk() if c.state in ("free", "top")]
+        return max(sizes, default=0)
+
     def accounting(self) -> None:
         h: malloc.Heap = self.alloc
         expected = sum(b.usable + 8 for b in self.live.values())
@@ -373,21 +393,35 @@ class BufferHeapModel(HeapModel):
 
     may_run_out = True
 
+    SIZE = 512 * KiB
+    ALIGN = 64 * KiB  # so memalign's layouts, and with them when the buffer is full, repeat from run to run
+
     def make(self) -> malloc.Heap:
-        self.buffer = bytearray(512 * KiB)
-        self.region = malloc.BufferRegion(self.buffer)
+        self.buffer = bytearray(self.SIZE + self.ALIGN)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+        skip = -address % self.ALIGN
+        self.view = memoryview(self.buffer)[skip:skip + self.SIZE]
+        self.region = malloc.BufferRegion(self.view)
+        assert self.region.size == self.SIZE and self.region.base % self.ALIGN == 0
         return malloc.Heap(self.region)
 
     def fingerprint(self) -> object:
-        return bytes(self.buffer)
+        return bytes(self.view)
+
+    @rule(target=AllocatorModel.blocks, slack=st.integers(0, 4096))
+    def use_up_the_top(self, slack: int) -> Any:
+        """Take all but `slack` bytes of the top, so the next requests meet a full buffer."""
+        n = max(self.alloc.top_size - MIN_CHUNK - 8 - slack, 0)
+        p = self.attempt(lambda: self.alloc.malloc(n), request_to_size(n))
+        return multiple() if p is None else self.adopt(p, n)
 
     @precondition(lambda self: len(self.live) > 0)
     @rule(target=AllocatorModel.blocks, n=st.integers(0, 600 * KiB))
     def fill_up(self, n: int) -> Any:
         """Ask for more than may be left; either it fits or nothing changes."""
-        p = self.attempt(lambda: self.alloc.malloc(n))
+        p = self.attempt(lambda: self.alloc.malloc(n), request_to_size(n))
         return multiple() if p is None else self.adopt(p, n)
 
 
 TestBufferHeapModel = BufferHeapModel.TestCase
-TestBufferHeapModel.settings = settings(SETTINGS, max_examples=150)
+TestBufferHeapModel.settings = settings(SETTINGS, max_examples=200)

@@ -71,19 +71,29 @@ def check_links(W: memoryview, c: int, size: int) -> None:
 
 
 def unlink(W: memoryview, c: int, size: int) -> None:
-    """Take the free chunk at `c` out of its bin; the caller has checked its links (`check_links`)."""
-    nxt = W[(c + 16) >> 3]
-    prv = W[(c + 24) >> 3]
-    if prv:
-        W[(prv + 16) >> 3] = nxt
-    else:
-        i = size >> 4 if size < SMALL_LIMIT else LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
-        W[H_BINS + i] = nxt
-        if not nxt:
-            if i < 64:
-                W[H_SMALLMAP] &= ~(1 << i)
-            else:
-                W[H_LARGEMAP] &= ~(1 << (i - 64))
+    """Take the free chunk at `c` out of its bin. Its links are checked first, as glibc's unlink does:
+    HeapCorruption, and nothing changed, when they are broken."""
+    try:
+        nxt = W[(c + 16) >> 3]
+        prv = W[(c + 24) >> 3]
+        if nxt and W[(nxt + 24) >> 3] != c:
+            raise HeapCorruption(f"free chunk at offset {c:#x}: its next chunk does not link back", c)
+        if prv:
+            if W[(prv + 16) >> 3] != c:
+                raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
+            W[(prv + 16) >> 3] = nxt
+        else:
+            i = size >> 4 if size < SMALL_LIMIT else LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
+            if W[H_BINS + i] != c:
+                raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
+            W[H_BINS + i] = nxt
+            if not nxt:
+                if i < 64:
+                    W[H_SMALLMAP] &= ~(1 << i)
+                else:
+                    W[H_LARGEMAP] &= ~(1 << (i - 64))
+    except IndexError:
+        raise HeapCorruption(f"free chunk at offset {c:#x}: its links lead out of the heap", c) from None
     if nxt:
         W[(nxt + 24) >> 3] = prv
 

@@ -304,7 +304,6 @@ class Heap:
             sz = W[(c + 8) >> 3] & SIZE_MASK
             if sz < nb or c + sz >= W[H_TOP]:
                 raise HeapCorruption(f"free chunk at {self.base + c:#x} has a bad size {sz}", self.base + c)
-            bins.check_links(W, c, sz)
             bins.unlink(W, c, sz)
             rem = sz - nb
             if rem >= MIN_CHUNK:
@@ -430,7 +429,8 @@ class Heap:
                 raise HeapCorruption(f"chunk after {self.base + c:#x} has a bad size {nsz}", self.base + n)
             next_free = not W[(n + nsz + 8) >> 3] & PREV_INUSE
             if next_free:
-                bins.check_links(W, n, nsz)
+                if check_only or not h & PREV_INUSE:
+                    bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
             elif not nh & FOREIGN and nh & TAG_MASK != ((((n >> 4) * 40503 & 0xFFFF) | 1) << 48):
                 raise HeapCorruption(f"header of the chunk after {self.base + c:#x} was overwritten", self.base + n)
         pc = psz = 0
@@ -440,7 +440,8 @@ class Heap:
             if psz < MIN_CHUNK or psz & 15 or pc < HEAP_HEADER or (W[(pc + 8) >> 3] & ~PREV_INUSE) != psz:
                 raise HeapCorruption(f"chunk before {self.base + c:#x} has a bad boundary tag {psz}",
                                      self.base + c)
-            bins.check_links(W, pc, psz)
+            if check_only:
+                bins.check_links(W, pc, psz)
         if check_only:
             return 0
         freed = sz
@@ -508,7 +509,6 @@ class Heap:
         nsz = nh & SIZE_MASK
         if W[(n + nsz + 8) >> 3] & PREV_INUSE or sz + nsz < nb:
             return False
-        bins.check_links(W, n, nsz)
         bins.unlink(W, n, nsz)
         total = sz + nsz
         if total - nb >= MIN_CHUNK:

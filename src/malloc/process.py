@@ -18,7 +18,7 @@ import warnings
 from bisect import bisect_right
 from collections.abc import Iterator
 
-from . import cache as fast_cache
+from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import H_CLEAN, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, alignment_arg, size_arg
 from .info import MallInfo
@@ -27,8 +27,7 @@ from .options import Options
 from .os import libc
 from .region import MAP_RESERVE, BreakRegion, MapRegion
 
-CACHE_MAX = fast_cache.CACHE_MAX_CHUNK
-CACHE_COUNT = fast_cache.CACHE_COUNT
+CACHE_MAX = CACHE_MAX_CHUNK
 PAGE = libc.PAGE_SIZE
 # A heap over a mapping, made when the break cannot grow, starts with at least this much (glibc's
 # MMAP_AS_MORECORE_SIZE).
@@ -51,7 +50,9 @@ class ProcessAllocator:
         self._mapped: dict[int, tuple[int, int]] = {}  # block address -> (mapping address, mapping length)
         self._mapped_bytes = 0
         self._system_max = 0
-        self._cache = fast_cache.new_cache()
+        self._cache = FastCache()
+        self._cache_bins = self._cache.bins  # the hot paths' direct handles on the cache
+        self._cached = self._cache.members
         self._perturb = 0  # read on every fast path; _sync_options keeps these two in step
         self._trim_trigger = 0  # top size from which a free tries to trim
         self._sync_options()
@@ -65,13 +66,14 @@ class ProcessAllocator:
             n = size_arg(n)
         nb = (n + 23) & ~15 if n > 24 else MIN_CHUNK
         if nb <= CACHE_MAX:
-            entries = self._cache[nb >> 4]
+            entries = self._cache_bins.get(nb)
             if entries:
                 try:
                     p = entries.pop()  # atomic under the GIL: the fast cache needs no lock
                 except IndexError:  # another thread took the last one
                     p = 0
                 if p:
+                    self._cached.discard(p)
                     if self._perturb:
                         libc.memset(p, self._perturb ^ 0xFF, nb - OVERHEAD)
                     return p
@@ -97,13 +99,14 @@ class ProcessAllocator:
             raise MemoryError(f"calloc({count}, {size}) overflows")
         nb = request_size(total)
         if nb <= CACHE_MAX:
-            entries = self._cache[nb >> 4]
+            entries = self._cache_bins.get(nb)
             if entries:
                 try:
                     p = entries.pop()
                 except IndexError:
                     p = 0
                 if p:
+                    self._cached.discard(p)
                     libc.memset(p, 0, nb - OVERHEAD)
                     return p
         with self._lock:
@@ -113,13 +116,19 @@ class ProcessAllocator:
         """Serve a request the cache could not: the heaps' free memory first, then the OS."""
         if n > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {n} bytes")
-        for heap in self._heaps:
+        heaps = self._heaps
+        for heap in heaps:
             clean = heap._w[H_CLEAN] if zero else 0
             c = heap.allocate(nb)
             if c:
                 if zero:
                     heap.zero_fresh(c, clean)
                 return heap.base + c + HEADER
+        if self._cached:
+            # The cache never makes a heap grow: before asking the OS, it goes back into the heaps,
+            # coalesced (as glibc consolidates its fastbins), and they are searched again.
+            self._flush_cache()
+            return self._allocate(n, nb, zero)
         opts = self.options
         if nb >= opts.mmap_threshold and len(self._mapped) < opts.mmap_max:
             try:
@@ -209,12 +218,16 @@ class ProcessAllocator:
             if c:
                 sz = main._w[(c + 8) >> 3] & SIZE_MASK
                 if sz <= CACHE_MAX:
-                    entries = self._cache[sz >> 4]
-                    if p in entries:
+                    cached = self._cached
+                    if p in cached:
                         raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
+                    entries = self._cache_bins.get(sz)
+                    if entries is None:
+                        entries = self._cache_bins.setdefault(sz, [])
                     if len(entries) < CACHE_COUNT:
                         if self._perturb:
                             libc.memset(p, self._perturb, sz - OVERHEAD)
+                        cached.add(p)
                         entries.append(p)
                         return
                 if self._perturb:
@@ -263,12 +276,13 @@ class ProcessAllocator:
         sz = heap._w[(c + 8) >> 3] & SIZE_MASK
         perturb = self._perturb
         if sz <= CACHE_MAX:
-            entries = self._cache[sz >> 4]
-            if p in entries:
+            if p in self._cached:
                 raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
+            entries = self._cache_bins.setdefault(sz, [])
             if len(entries) < CACHE_COUNT:
                 if perturb:
                     libc.memset(p, perturb, sz - OVERHEAD)
+                self._cached.add(p)
                 entries.append(p)
                 return
         if perturb:
@@ -312,8 +326,7 @@ class ProcessAllocator:
         """(heap, chunk offset) of the live heap block at `p`; a block in the fast cache is not live."""
         heap = self._heap_of(p)
         c = heap.chunk_of(p)
-        sz = heap._w[(c + 8) >> 3] & SIZE_MASK
-        if sz <= CACHE_MAX and p in self._cache[sz >> 4]:
+        if p in self._cached:
             raise DoubleFree(f"the block at {p:#x} has been freed")
         return heap, c
 
@@ -387,10 +400,14 @@ class ProcessAllocator:
         nb = request_size(n)
         need = nb + a + MIN_CHUNK
         with self._lock:
-            for heap in self._heaps:
-                c = heap.allocate(need)
-                if c:
-                    return heap.base + heap.align_chunk(c, nb, a) + HEADER
+            for flushed in (False, True):
+                for heap in self._heaps:
+                    c = heap.allocate(need)
+                    if c:
+                        return heap.base + heap.align_chunk(c, nb, a) + HEADER
+                if flushed or not self._cached:
+                    break
+                self._flush_cache()
             opts = self.options
             if need >= opts.mmap_threshold and len(self._mapped) < opts.mmap_max:
                 try:
@@ -463,7 +480,7 @@ class ProcessAllocator:
                 ordblks += count + 1
                 fordblks += free_bytes + top
                 keepcost += top
-            cached, cached_size = fast_cache.cached_bytes(self._cache)
+            cached, cached_size = self._cache.stats()
             return MallInfo(
                 arena=arena, ordblks=ordblks, smblks=cached, hblks=len(self._mapped),
                 hblkhd=self._mapped_bytes, usmblks=self.system_max, fsmblks=cached_size,
@@ -474,7 +491,7 @@ class ProcessAllocator:
         """Every chunk of every heap in address order (blocks in the fast cache show as "cached"),
         then every mapped chunk."""
         with self._lock:
-            cached = {p - HEADER for entries in self._cache for p in entries}
+            cached = {p - HEADER for p in list(self._cached)}
             chunks = [c for heap in self._by_start for c in heap.walk()]
             mapped = sorted(self._mapped.items())
         for chunk in chunks:
@@ -490,14 +507,18 @@ class ProcessAllocator:
         with self._lock:
             for heap in self._heaps:
                 heap.check()
-            for i, entries in enumerate(self._cache):
-                if len(set(entries)) != len(entries):
-                    raise HeapCorruption(f"fast cache list {i} holds a block twice")
+            bins = self._cache.snapshot()
+            listed = [p for entries in bins.values() for p in entries]
+            # Lock-free paths add to the set before the list and take from the list before the set, so
+            # every listed block is a member at any instant (the set may briefly hold one more).
+            if len(set(listed)) != len(listed) or not set(listed) <= set(self._cached):
+                raise HeapCorruption("the fast cache's lists and its set of members disagree")
+            for size, entries in bins.items():
                 for p in entries:
                     heap = self._heap_of(p)
                     c = heap.chunk_of(p)
-                    if heap._w[(c + 8) >> 3] & SIZE_MASK != i << 4:
-                        raise HeapCorruption(f"cached block at {p:#x} is not of size {i << 4}", p - HEADER)
+                    if heap._w[(c + 8) >> 3] & SIZE_MASK != size:
+                        raise HeapCorruption(f"cached block at {p:#x} is not of size {size}", p - HEADER)
             for p, (m, length) in self._mapped.items():
                 self._check_mapped(p, m, length)
 
@@ -519,7 +540,7 @@ class ProcessAllocator:
             return released
 
     def _flush_cache(self) -> None:
-        for p in fast_cache.drain(self._cache):
+        for p in self._cache.drain():
             heap = self._heap_of(p)
             heap.release(heap.chunk_of(p))
 
@@ -556,6 +577,9 @@ class ProcessAllocator:
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._flush_cache()
+        # A block some other thread was caching or taking at the fork is in the set but in no list:
+        # it stays in use, as that thread's call never finished in this process.
+        self._cached.clear()
 
 
 def request_size(n: int) -> int:
