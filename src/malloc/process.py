@@ -82,7 +82,9 @@ class ProcessAllocator:
         try:
             if self._deferred:
                 self._free_deferred()
-            p = self._allocate(n, nb, False)
+            main = self._main
+            c = main.allocate(nb) if main is not None and n <= MAX_REQUEST else 0
+            p = main.base + c + HEADER if c else self._allocate(n, nb, False)  # type: ignore[union-attr]
         finally:
             lock.release()
         if self._perturb:
