@@ -38,6 +38,7 @@ def format_stats(info: MallInfo, heaps: list[tuple[str, int, int, int]]) -> str:
     lines.append("Total (incl. mmap):")
     lines.append(f"system bytes     = {info.system_current:>10}")
     lines.append(f"in use bytes     = {info.uordblks + info.hblkhd:>10}")
+    lines.append(f"fast cache bytes = {info.fsmblks:>10}")
     lines.append(f"max system bytes = {info.system_max:>10}")
     lines.append(f"mmap regions     = {info.hblks:>10}")
     lines.append(f"mmap bytes       = {info.hblkhd:>10}")
