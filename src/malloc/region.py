@@ -106,8 +106,8 @@ class BreakRegion(Region):
 
     def shrink(self, nbytes: int, reason: str) -> bool:
         end = self.base + self.size
-        # Count threads first: listing /proc/self/task allocates, and the C library may move the break
-        # for it. The break is compared last, right before it is lowered, with nothing in between.
+        # Count threads first, then compare the break right before lowering it, with nothing in between
+        # that could make the C library move it.
         if nbytes <= 0 or libc.thread_count() != 1 or libc.current_break() != end:
             return False
         libc.sbrk(-nbytes, reason)

@@ -138,8 +138,14 @@ def memory_view(address: int, size: int) -> memoryview:
 
 
 def thread_count() -> int:
-    """Threads in this process, C threads included (from /proc/self/task)."""
+    """Threads in this process, C threads included.
+
+    procfs gives /proc/self/task a link count of 2 plus the number of threads; reading it with stat
+    allocates nothing from the C library, where listing the directory would ask it for a 32 KiB buffer,
+    which can move the program break at the very moment the caller wants to lower it.
+    """
     try:
-        return len(os.listdir("/proc/self/task"))
+        links = os.stat("/proc/self/task").st_nlink
     except OSError:
         return 2  # unknown: assume the unsafe case
+    return links - 2 if links > 2 else 2
