@@ -11,7 +11,7 @@ The functions take the heap's word view `W`; chunk offsets are in bytes.
 from __future__ import annotations
 
 from .errors import HeapCorruption
-from .layout import LARGE_BIN, LARGE_TABLE_LIMIT, SIZE_MASK, SMALL_LIMIT, bin_index
+from .layout import LARGE_BIN, LARGE_TABLE_LIMIT, SIZE_MASK, SMALL_LIMIT
 
 # Header words used by the bins (see heap.py for the whole header).
 H_SMALLMAP = 9
@@ -56,23 +56,12 @@ def insert(W: memoryview, c: int, size: int) -> None:
 
 def check_links(W: memoryview, c: int, size: int) -> None:
     """Raise HeapCorruption unless the free chunk at `c` is linked both ways (glibc's unlink check)."""
-    try:
-        nxt = W[(c + 16) >> 3]
-        prv = W[(c + 24) >> 3]
-        if nxt and W[(nxt + 24) >> 3] != c:
-            raise HeapCorruption(f"free chunk at offset {c:#x}: its next chunk does not link back", c)
-        if prv:
-            if W[(prv + 16) >> 3] != c:
-                raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
-        elif W[H_BINS + bin_index(size)] != c:
-            raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
-    except IndexError:
-        raise HeapCorruption(f"free chunk at offset {c:#x}: its links lead out of the heap", c) from None
+    unlink(W, c, size, check_only=True)
 
 
-def unlink(W: memoryview, c: int, size: int) -> None:
+def unlink(W: memoryview, c: int, size: int, check_only: bool = False) -> None:
     """Take the free chunk at `c` out of its bin. Its links are checked first, as glibc's unlink does:
-    HeapCorruption, and nothing changed, when they are broken."""
+    HeapCorruption, and nothing changed, when they are broken; `check_only` stops after the checks."""
     try:
         nxt = W[(c + 16) >> 3]
         prv = W[(c + 24) >> 3]
@@ -81,11 +70,15 @@ def unlink(W: memoryview, c: int, size: int) -> None:
         if prv:
             if W[(prv + 16) >> 3] != c:
                 raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
+            if check_only:
+                return
             W[(prv + 16) >> 3] = nxt
         else:
             i = size >> 4 if size < SMALL_LIMIT else LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
             if W[H_BINS + i] != c:
                 raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
+            if check_only:
+                return
             W[H_BINS + i] = nxt
             if not nxt:
                 if i < 64:
