@@ -1,11 +1,11 @@
-"""Bins: the heap's free lists, kept in-band as offsets, and the bitmap that skips empty ones.
+"""Bins: the heap's free lists, kept in-band as word offsets, and the bitmap that skips empty ones.
 
 Bin heads sit in the heap header (`H_BINS + index`, 0 for an empty bin); each free chunk links to its
-neighbours in the list through its `next` (chunk+16) and `prev` (chunk+24) words, 0 ending the list.
+neighbours in the list through its `next` (word w+2) and `prev` (w+3) words, 0 ending the list.
 Small bins hold one size each, so any member fits. Large bins are kept sorted by size, smallest first,
 so the first member that fits is the best fit. Two bitmap words mark non-empty small and large bins.
 
-The functions take the heap's word view `W`; chunk offsets are in bytes.
+The functions take the heap's word view `W` and chunks as word indices; sizes are in bytes.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ H_BINS = 16
 
 
 def insert(W: memoryview, c: int, size: int) -> None:
-    """Put the free chunk at `c` into its bin."""
+    """Put the free chunk at word `c` into its bin."""
     try:
         if size < SMALL_LIMIT:
             i = size >> 4
             head = W[H_BINS + i]
-            W[(c + 16) >> 3] = head
-            W[(c + 24) >> 3] = 0
+            W[c + 2] = head
+            W[c + 3] = 0
             if head:
-                W[(head + 24) >> 3] = c
+                W[head + 3] = c
             else:
                 W[H_SMALLMAP] |= 1 << i
             W[H_BINS + i] = c
@@ -36,47 +36,48 @@ def insert(W: memoryview, c: int, size: int) -> None:
         i = LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
         prev = 0
         cur = W[H_BINS + i]
-        while cur and (W[(cur + 8) >> 3] & SIZE_MASK) < size:
-            if W[(cur + 24) >> 3] != prev:  # also ends a cycle made by an overwritten link
-                raise HeapCorruption(f"free chunk at offset {cur:#x}: back link broken", cur)
+        while cur and (W[cur + 1] & SIZE_MASK) < size:
+            if W[cur + 3] != prev:  # also ends a cycle made by an overwritten link
+                raise HeapCorruption(f"free chunk at offset {cur << 3:#x}: back link broken", cur << 3)
             prev = cur
-            cur = W[(cur + 16) >> 3]
+            cur = W[cur + 2]
     except IndexError:
-        raise HeapCorruption(f"bin links lead out of the heap near offset {c:#x}", c) from None
-    W[(c + 16) >> 3] = cur
-    W[(c + 24) >> 3] = prev
+        raise HeapCorruption(f"bin links lead out of the heap near offset {c << 3:#x}", c << 3) from None
+    W[c + 2] = cur
+    W[c + 3] = prev
     if cur:
-        W[(cur + 24) >> 3] = c
+        W[cur + 3] = c
     if prev:
-        W[(prev + 16) >> 3] = c
+        W[prev + 2] = c
     else:
         W[H_BINS + i] = c
         W[H_LARGEMAP] |= 1 << (i - 64)
 
 
 def check_links(W: memoryview, c: int, size: int) -> None:
-    """Raise HeapCorruption unless the free chunk at `c` is linked both ways (glibc's unlink check)."""
-    unlink(W, c, size, check_only=True)
+    """Raise HeapCorruption unless the free chunk at word `c` is linked both ways (glibc's unlink check)."""
+    unlink(W, c, size, True)
 
 
 def unlink(W: memoryview, c: int, size: int, check_only: bool = False) -> None:
-    """Take the free chunk at `c` out of its bin. Its links are checked first, as glibc's unlink does:
+    """Take the free chunk at word `c` out of its bin. Its links are checked first, as glibc's unlink does:
     HeapCorruption, and nothing changed, when they are broken; `check_only` stops after the checks."""
     try:
-        nxt = W[(c + 16) >> 3]
-        prv = W[(c + 24) >> 3]
-        if nxt and W[(nxt + 24) >> 3] != c:
-            raise HeapCorruption(f"free chunk at offset {c:#x}: its next chunk does not link back", c)
+        nxt = W[c + 2]
+        prv = W[c + 3]
+        if nxt and W[nxt + 3] != c:
+            raise HeapCorruption(f"free chunk at offset {c << 3:#x}: its next chunk does not link back", c << 3)
         if prv:
-            if W[(prv + 16) >> 3] != c:
-                raise HeapCorruption(f"free chunk at offset {c:#x}: its previous chunk does not link to it", c)
+            if W[prv + 2] != c:
+                raise HeapCorruption(f"free chunk at offset {c << 3:#x}: its previous chunk does not link to it",
+                                     c << 3)
             if check_only:
                 return
-            W[(prv + 16) >> 3] = nxt
+            W[prv + 2] = nxt
         else:
             i = size >> 4 if size < SMALL_LIMIT else LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
             if W[H_BINS + i] != c:
-                raise HeapCorruption(f"free chunk at offset {c:#x} is not in the bin for size {size}", c)
+                raise HeapCorruption(f"free chunk at offset {c << 3:#x} is not in the bin for size {size}", c << 3)
             if check_only:
                 return
             W[H_BINS + i] = nxt
@@ -86,18 +87,19 @@ def unlink(W: memoryview, c: int, size: int, check_only: bool = False) -> None:
                 else:
                     W[H_LARGEMAP] &= ~(1 << (i - 64))
     except IndexError:
-        raise HeapCorruption(f"free chunk at offset {c:#x}: its links lead out of the heap", c) from None
+        raise HeapCorruption(f"free chunk at offset {c << 3:#x}: its links lead out of the heap", c << 3) from None
     if nxt:
-        W[(nxt + 24) >> 3] = prv
+        W[nxt + 3] = prv
 
 
 def members(W: memoryview, i: int) -> list[int]:
-    """Offsets of the chunks in bin `i`, in list order (stops on a cycle)."""
+    """Word indices of the chunks in bin `i`, in list order (stops on a cycle or a link out of range)."""
     out: list[int] = []
     seen: set[int] = set()
     c = W[H_BINS + i]
-    while c and c not in seen:
+    limit = len(W) - 4
+    while c and c not in seen and c <= limit:
         seen.add(c)
         out.append(c)
-        c = W[(c + 16) >> 3]
+        c = W[c + 2]
     return out

@@ -2,15 +2,19 @@
 
 `Heap` does all chunk work (allocate, free, resize, align, coalesce, grow, trim, check) and knows nothing
 about where its region came from. All of its state lives in the region itself, in the header below, and
-every link is an offset from the region's base, so the same bytes describe the heap wherever they are
-mapped. Addresses appear only at the public methods' edges.
+every link is an offset from the region's base, counted in 8-byte words, so the same bytes describe the
+heap wherever they are mapped. Inside the engine a chunk is its word index (see layout.py); addresses
+appear only at the public methods' edges.
 
-Header (64-bit words at offset 0):
+Header (64-bit words at offset 0; positions are word indices, amounts are bytes):
 
-    0 magic          3 end (bytes in the heap)     6 foreign bytes (the C library's spans)
-    1 version        4 clean (all bytes at or above are zero as the OS gave them, but the top's header)
-    2 top chunk      5 bytes in in-use chunks      7 bytes of the chunks covering foreign spans
-    8 most bytes ever held   9-10 bin bitmaps (small, large)   16..143 bin heads (bins.py)
+    0 magic          3 end (one past the last word)    6 bytes of the chunks covering foreign spans
+    1 version        4 clean (every word from here on is zero as the OS gave it, but the top's header)
+    2 top chunk      5 foreign bytes (the C library's spans)    7 most bytes ever held
+    9-10 bin bitmaps (small, large)    16..143 bin heads (bins.py)
+
+Bytes in use are not counted as each block comes and goes: that counter cost a read-modify-write on
+every malloc and free. They are derived when asked, from the extent, the top and the bins.
 
 Checks come in tiers. Every free and realloc checks the chunk it is given and its neighbours before it
 writes anything; `check()` walks the whole heap and states every invariant in one place.
@@ -38,6 +42,8 @@ from .layout import (
     SIZE_MASK,
     SMALL_LIMIT,
     TAG_MASK,
+    TAG_ONE,
+    TAG_SHIFT,
     bin_index,
     request_to_size,
     tag,
@@ -46,9 +52,10 @@ from .os import libc
 from .region import Region
 
 MAGIC = 0x636F6C6C614D7970  # "pyMalloc" in little-endian bytes
-VERSION = 1
-H_MAGIC, H_VERSION, H_TOP, H_END, H_CLEAN, H_INUSE, H_FOREIGN, H_FOREIGN_CHUNKS, H_HELD_MAX = range(9)
-HEAP_HEADER = (H_BINS + N_BINS) * 8  # the first chunk's offset
+VERSION = 2
+H_MAGIC, H_VERSION, H_TOP, H_END, H_CLEAN, H_FOREIGN, H_FOREIGN_CHUNKS, H_HELD_MAX = range(8)
+HEAP_WORDS = H_BINS + N_BINS  # the first chunk's word index
+HEAP_HEADER = HEAP_WORDS * 8  # ... and its offset
 
 # Glibc's defaults for a heap that trims itself (the process allocator passes its own settings).
 DEFAULT_TOP_PAD = 128 * 1024
@@ -102,7 +109,8 @@ class Heap:
 
     `Heap(region)` formats a new heap at the start of the region; `Heap(region, attach=True)` adopts
     the heap already there (its header must be intact). Not thread-safe by itself: the process
-    allocator holds a lock around it.
+    allocator holds a lock around it. The engine's own methods (`allocate`, `release`, ...) take and
+    return chunks as word indices.
     """
 
     def __init__(self, region: Region, *, attach: bool = False, top_pad: int = DEFAULT_TOP_PAD,
@@ -115,32 +123,32 @@ class Heap:
         if attach:
             self.check(full=False)
             return
-        end = region.size
-        if end < HEAP_HEADER + MIN_CHUNK:
-            raise ValueError(f"a heap needs at least {HEAP_HEADER + MIN_CHUNK} bytes, the region has {end}")
+        size = region.size
+        if size < HEAP_HEADER + MIN_CHUNK:
+            raise ValueError(f"a heap needs at least {HEAP_HEADER + MIN_CHUNK} bytes, the region has {size}")
         W = self._w
-        for i in range(HEAP_HEADER >> 3):
+        for i in range(HEAP_WORDS):
             W[i] = 0
         W[H_MAGIC] = MAGIC
         W[H_VERSION] = VERSION
-        W[H_TOP] = HEAP_HEADER
-        W[H_END] = end
-        W[H_CLEAN] = HEAP_HEADER + HEADER
-        W[H_HELD_MAX] = end
-        W[(HEAP_HEADER + 8) >> 3] = (end - HEAP_HEADER) | PREV_INUSE
+        W[H_TOP] = HEAP_WORDS
+        W[H_END] = size >> 3
+        W[H_CLEAN] = HEAP_WORDS + 2
+        W[H_HELD_MAX] = size
+        W[HEAP_WORDS + 1] = (size - HEAP_HEADER) | PREV_INUSE
 
     # ----------------------------------------------------------------- facts
 
     @property
     def end(self) -> int:
         """Absolute address one past the heap's last byte."""
-        return self.base + self._w[H_END]
+        return self.base + (self._w[H_END] << 3)
 
     @property
     def held(self) -> int:
         """Bytes this heap holds from the OS (its extent, less the C library's spans inside it)."""
         W = self._w
-        return W[H_END] - W[H_FOREIGN]
+        return (W[H_END] << 3) - W[H_FOREIGN]
 
     @property
     def held_max(self) -> int:
@@ -151,21 +159,17 @@ class Heap:
     def top_size(self) -> int:
         """Size of the top chunk: free memory at the end, split last."""
         W = self._w
-        return W[(W[H_TOP] + 8) >> 3] & SIZE_MASK
+        return W[W[H_TOP] + 1] & SIZE_MASK
 
     @property
     def in_use(self) -> int:
-        """Bytes in in-use chunks (headers included, the C library's spans excluded)."""
-        return self._w[H_INUSE]
-
-    @property
-    def clean(self) -> int:
-        """Offset above which the heap's memory is still zero as the OS gave it."""
-        return self._w[H_CLEAN]
+        """Bytes in in-use chunks (headers included, the C library's spans excluded); walks the bins."""
+        W = self._w
+        return (W[H_END] << 3) - HEAP_HEADER - W[H_FOREIGN_CHUNKS] - self.top_size - self.free_stats()[1]
 
     def owns(self, address: int) -> bool:
         """Whether `address` lies in this heap's chunks."""
-        return self.base + HEAP_HEADER <= address < self.base + self._w[H_END]
+        return self.base + HEAP_HEADER <= address < self.base + (self._w[H_END] << 3)
 
     # ------------------------------------------------------- public interface
 
@@ -179,7 +183,7 @@ class Heap:
         if not c:
             self.extend(nb, f"heap top too small for a {n}-byte request")
             c = self.allocate(nb)
-        return self.base + c + HEADER
+        return self.base + (c << 3) + HEADER
 
     def calloc(self, count: int, size: int) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product is too large."""
@@ -194,7 +198,7 @@ class Heap:
             clean = self._w[H_CLEAN]
             c = self.allocate(nb)
         self.zero_fresh(c, clean)
-        return self.base + c + HEADER
+        return self.base + (c << 3) + HEADER
 
     def free(self, p: int) -> None:
         """Free the block at `p` (0 does nothing); InvalidPointer or DoubleFree if it is not live."""
@@ -224,7 +228,7 @@ class Heap:
             return p
         self.release(c, check_only=True)  # a block that cannot be freed must not be moved
         q = self.malloc(n)
-        old_usable = (self._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
+        old_usable = (self._w[c + 1] & SIZE_MASK) - OVERHEAD
         libc.memmove(q, p, min(old_usable, n))
         self.release(c)
         return q
@@ -243,17 +247,17 @@ class Heap:
         if not c:
             self.extend(need, f"heap top too small for a {n}-byte block aligned to {a}")
             c = self.allocate(need)
-        return self.base + self.align_chunk(c, nb, a) + HEADER
+        return self.base + (self.align_chunk(c, nb, a) << 3) + HEADER
 
     def usable_size(self, p: int) -> int:
         """Bytes usable in the live block at `p`."""
         c = self.chunk_of(address_arg(p))
-        return (self._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
+        return (self._w[c + 1] & SIZE_MASK) - OVERHEAD
 
     # --------------------------------------------------- the engine's moves
 
     def allocate(self, nb: int) -> int:
-        """Offset of an in-use chunk of at least `nb` bytes from the bins or the top, or 0 if neither can.
+        """Word index of an in-use chunk of at least `nb` bytes from the bins or the top, or 0.
 
         `nb` is a chunk size (see `layout.request_to_size`). The best fit: the exact small bin, else the
         first fitting chunk of the size-sorted large bin, else the smallest chunk of the next non-empty
@@ -265,17 +269,17 @@ class Heap:
             c = W[H_BINS + i]
             if c:
                 # Exact fit, the common case: pop the bin's first chunk.
-                nxt = W[(c + 16) >> 3]
-                if W[(c + 24) >> 3] or (nxt and (nxt >= len(W) << 3 or W[(nxt + 24) >> 3] != c)):
-                    raise HeapCorruption(f"free chunk at {self.base + c:#x}: bin links broken", self.base + c)
+                nxt = W[c + 2]
+                if W[c + 3] or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
+                    raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: bin links broken",
+                                         self.base + (c << 3))
                 W[H_BINS + i] = nxt
                 if nxt:
-                    W[(nxt + 24) >> 3] = 0
+                    W[nxt + 3] = 0
                 else:
                     W[H_SMALLMAP] &= ~(1 << i)
-                W[(c + nb + 8) >> 3] |= PREV_INUSE
-                W[(c + 8) >> 3] = nb | PREV_INUSE | ((((c >> 4) * 40503 & 0xFFFF) | 1) << 48)
-                W[H_INUSE] += nb
+                W[c + (nb >> 3) + 1] |= PREV_INUSE
+                W[c + 1] = nb | PREV_INUSE | (c << TAG_SHIFT) & TAG_MASK | TAG_ONE
                 return c
             m = W[H_SMALLMAP] >> (i + 1)
             if m:
@@ -288,125 +292,128 @@ class Heap:
             c = W[H_BINS + i]
             prev = 0
             try:
-                while c and (W[(c + 8) >> 3] & SIZE_MASK) < nb:
-                    if W[(c + 24) >> 3] != prev:  # also ends a cycle made by an overwritten link
-                        raise HeapCorruption(f"free chunk at {self.base + c:#x}: back link broken", self.base + c)
+                while c and (W[c + 1] & SIZE_MASK) < nb:
+                    if W[c + 3] != prev:  # also ends a cycle made by an overwritten link
+                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: back link broken",
+                                             self.base + (c << 3))
                     prev = c
-                    c = W[(c + 16) >> 3]
+                    c = W[c + 2]
             except IndexError:
-                raise HeapCorruption(f"bin {i} links lead out of the heap", self.base + prev) from None
+                raise HeapCorruption(f"bin {i} links lead out of the heap", self.base + (prev << 3)) from None
             if not c:
                 m = W[H_LARGEMAP] >> (i - 63)
                 c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
         if c:
-            if c & 15 or c >= W[H_TOP]:
-                raise HeapCorruption(f"a bin links to offset {c:#x}, which is no chunk", self.base)
-            sz = W[(c + 8) >> 3] & SIZE_MASK
-            if sz < nb or c + sz >= W[H_TOP]:
-                raise HeapCorruption(f"free chunk at {self.base + c:#x} has a bad size {sz}", self.base + c)
+            if c & 1 or c >= W[H_TOP]:
+                raise HeapCorruption(f"a bin links to word {c}, which is no chunk", self.base)
+            sz = W[c + 1] & SIZE_MASK
+            if sz < nb or c + (sz >> 3) >= W[H_TOP]:
+                raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
+                                     self.base + (c << 3))
             bins.unlink(W, c, sz)
             rem = sz - nb
             if rem >= MIN_CHUNK:
-                r = c + nb
-                W[(r + 8) >> 3] = rem | PREV_INUSE
-                W[(r + rem) >> 3] = rem
+                r = c + (nb >> 3)
+                W[r + 1] = rem | PREV_INUSE
+                W[r + (rem >> 3)] = rem
                 bins.insert(W, r, rem)
                 sz = nb
             else:
-                W[(c + sz + 8) >> 3] |= PREV_INUSE
+                W[c + (sz >> 3) + 1] |= PREV_INUSE
             # A free chunk's predecessor is always in use (free neighbours are coalesced).
-            W[(c + 8) >> 3] = sz | PREV_INUSE | ((((c >> 4) * 40503 & 0xFFFF) | 1) << 48)
-            W[H_INUSE] += sz
+            W[c + 1] = sz | PREV_INUSE | (c << TAG_SHIFT) & TAG_MASK | TAG_ONE
             return c
         t = W[H_TOP]
-        tsz = W[(t + 8) >> 3] & SIZE_MASK
+        tsz = W[t + 1] & SIZE_MASK
         if tsz < nb + MIN_CHUNK:
             return 0
-        if t + tsz != W[H_END]:
-            raise HeapCorruption(f"top chunk at {self.base + t:#x} has a bad size {tsz}", self.base + t)
-        top = t + nb
-        W[(top + 8) >> 3] = (tsz - nb) | PREV_INUSE
+        top = t + (nb >> 3)
+        if top + ((tsz - nb) >> 3) != W[H_END]:
+            raise HeapCorruption(f"top chunk at {self.base + (t << 3):#x} has a bad size {tsz}",
+                                 self.base + (t << 3))
+        W[top + 1] = (tsz - nb) | PREV_INUSE
         W[H_TOP] = top
-        if top + HEADER > W[H_CLEAN]:
-            W[H_CLEAN] = top + HEADER
-        W[(t + 8) >> 3] = nb | PREV_INUSE | ((((t >> 4) * 40503 & 0xFFFF) | 1) << 48)
-        W[H_INUSE] += nb
+        if top + 2 > W[H_CLEAN]:
+            W[H_CLEAN] = top + 2
+        W[t + 1] = nb | PREV_INUSE | (t << TAG_SHIFT) & TAG_MASK | TAG_ONE
         return t
 
     def extend(self, nb: int, reason: str) -> None:
         """Grow the region so the top chunk can serve a chunk of `nb` bytes (plus the top pad)."""
         W = self._w
         t = W[H_TOP]
-        tsz = W[(t + 8) >> 3] & SIZE_MASK
+        tsz = W[t + 1] & SIZE_MASK
         old_end = W[H_END]
         need = nb + MIN_CHUNK - tsz
         if need <= 0:
             return
         try:
-            start = self.region.grow(need + self.top_pad, reason)
+            start = self.region.grow(need + self.top_pad, reason) >> 3
         except MemoryError:
             if not self.top_pad:
                 raise
-            start = self.region.grow(need, reason + " (without the top pad)")
+            start = self.region.grow(need, reason + " (without the top pad)") >> 3
         W = self._w = self.region.words
-        new_end = self.region.size
+        new_end = self.region.size >> 3
         if start == old_end:
-            W[(t + 8) >> 3] = (tsz + new_end - old_end) | PREV_INUSE
+            W[t + 1] = (tsz + ((new_end - old_end) << 3)) | PREV_INUSE
         else:
             # A foreign span [old_end, start): cover it with an in-use chunk whose header is the last
             # 16 bytes of the old top, and free what is left of the old top.
-            f = old_end - HEADER
+            f = old_end - 2
             if tsz - HEADER >= MIN_CHUNK:
                 rest = tsz - HEADER
-                W[(t + 8) >> 3] = rest | PREV_INUSE
-                W[f >> 3] = rest
-                W[(f + 8) >> 3] = (start - f) | FOREIGN
+                W[t + 1] = rest | PREV_INUSE
+                W[f] = rest
+                W[f + 1] = ((start - f) << 3) | FOREIGN
                 bins.insert(W, t, rest)
             else:
                 f = t
-                W[(f + 8) >> 3] = (start - f) | FOREIGN | PREV_INUSE
-            W[H_FOREIGN] += start - old_end
-            W[H_FOREIGN_CHUNKS] += start - f
-            W[(start + 8) >> 3] = (new_end - start) | PREV_INUSE
+                W[f + 1] = ((start - f) << 3) | FOREIGN | PREV_INUSE
+            W[H_FOREIGN] += (start - old_end) << 3
+            W[H_FOREIGN_CHUNKS] += (start - f) << 3
+            W[start + 1] = ((new_end - start) << 3) | PREV_INUSE
             W[H_TOP] = start
-            W[H_CLEAN] = start + HEADER
+            W[H_CLEAN] = start + 2
         W[H_END] = new_end
-        held = new_end - W[H_FOREIGN]
+        held = (new_end << 3) - W[H_FOREIGN]
         if held > W[H_HELD_MAX]:
             W[H_HELD_MAX] = held
-        if start != old_end and new_end - start < nb + MIN_CHUNK:
+        if start != old_end and (new_end - start) << 3 < nb + MIN_CHUNK:
             self.extend(nb, reason)
 
     def find_chunk(self, p: int) -> int:
-        """Offset of the live chunk whose block starts at address `p`, or 0; reads only, writes nothing.
+        """Word index of the live chunk whose block starts at address `p`, or 0; reads only.
 
         The cheap tier of checks: alignment, range, the in-use tag, the size and the next chunk's
         PREV_INUSE bit.
         """
         W = self._w
-        c = p - self.base - HEADER
-        t = W[H_TOP]
-        if c < HEAP_HEADER or c >= t or c & 15:
+        off = p - self.base - HEADER
+        if off & 15:
             return 0
-        h = W[(c + 8) >> 3]
-        sz = h & SIZE_MASK
-        n = c + sz
-        if (h & TAG_MASK) != ((((c >> 4) * 40503 & 0xFFFF) | 1) << 48) or h & (IS_MMAPPED | FOREIGN) \
-                or sz < MIN_CHUNK or n > t or not W[(n + 8) >> 3] & PREV_INUSE:
+        c = off >> 3
+        t = W[H_TOP]
+        if c < HEAP_WORDS or c >= t:
+            return 0
+        h = W[c + 1]
+        n = c + ((h & SIZE_MASK) >> 3)
+        if (h & TAG_MASK) != (c << TAG_SHIFT) & TAG_MASK | TAG_ONE or h & (IS_MMAPPED | FOREIGN) \
+                or n - c < 4 or n > t or not W[n + 1] & PREV_INUSE:
             return 0
         return c
 
     def chunk_of(self, p: int) -> int:
-        """Offset of the live chunk whose block starts at address `p`; writes nothing.
+        """Word index of the live chunk whose block starts at address `p`; writes nothing.
 
         When the cheap checks fail, a walk tells why: InvalidPointer, DoubleFree or HeapCorruption.
         """
         c = self.find_chunk(p)
         if c:
             return c
-        c = p - self.base - HEADER
-        if HEAP_HEADER <= c < self._w[H_END] and not c & 15:
-            raise self._classify(c)
+        off = p - self.base - HEADER
+        if HEAP_HEADER <= off < self._w[H_END] << 3 and not off & 15:
+            raise self._classify(off >> 3)
         raise InvalidPointer(f"{p:#x} is not a block of this heap")
 
     def release(self, c: int, *, check_only: bool = False) -> int:
@@ -417,51 +424,50 @@ class Heap:
         caller may trim), else 0.
         """
         W = self._w
-        h = W[(c + 8) >> 3]
+        h = W[c + 1]
         sz = h & SIZE_MASK
-        n = c + sz
+        n = c + (sz >> 3)
         t = W[H_TOP]
-        nh = W[(n + 8) >> 3]
+        nh = W[n + 1]
         nsz = nh & SIZE_MASK
         next_free = False
         if n != t:
-            if nsz < HEADER or n + nsz > t:
-                raise HeapCorruption(f"chunk after {self.base + c:#x} has a bad size {nsz}", self.base + n)
-            next_free = not W[(n + nsz + 8) >> 3] & PREV_INUSE
+            if nsz < HEADER or n + (nsz >> 3) > t:
+                raise HeapCorruption(f"chunk after {self.base + (c << 3):#x} has a bad size {nsz}",
+                                     self.base + (n << 3))
+            next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
             if next_free:
                 if check_only or not h & PREV_INUSE:
                     bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
-            elif not nh & FOREIGN and nh & TAG_MASK != ((((n >> 4) * 40503 & 0xFFFF) | 1) << 48):
-                raise HeapCorruption(f"header of the chunk after {self.base + c:#x} was overwritten", self.base + n)
+            elif not nh & FOREIGN and nh & TAG_MASK != (n << TAG_SHIFT) & TAG_MASK | TAG_ONE:
+                raise HeapCorruption(f"header of the chunk after {self.base + (c << 3):#x} was overwritten",
+                                     self.base + (n << 3))
         pc = psz = 0
         if not h & PREV_INUSE:
-            psz = W[c >> 3]
-            pc = c - psz
-            if psz < MIN_CHUNK or psz & 15 or pc < HEAP_HEADER or (W[(pc + 8) >> 3] & ~PREV_INUSE) != psz:
-                raise HeapCorruption(f"chunk before {self.base + c:#x} has a bad boundary tag {psz}",
-                                     self.base + c)
+            psz = W[c]
+            pc = c - (psz >> 3)
+            if psz < MIN_CHUNK or psz & 15 or pc < HEAP_WORDS or (W[pc + 1] & ~PREV_INUSE) != psz:
+                raise HeapCorruption(f"chunk before {self.base + (c << 3):#x} has a bad boundary tag {psz}",
+                                     self.base + (c << 3))
             if check_only:
                 bins.check_links(W, pc, psz)
         if check_only:
             return 0
-        freed = sz
         if psz:
             bins.unlink(W, pc, psz)
             c = pc
             sz += psz
         if n == t:
-            W[(c + 8) >> 3] = (sz + nsz) | PREV_INUSE
+            W[c + 1] = (sz + nsz) | PREV_INUSE
             W[H_TOP] = c
-            W[H_INUSE] -= freed
             return sz + nsz
         if next_free:
             bins.unlink(W, n, nsz)
             sz += nsz
         else:
-            W[(n + 8) >> 3] = nh & ~PREV_INUSE
-        W[(c + 8) >> 3] = sz | PREV_INUSE
-        W[(c + sz) >> 3] = sz
-        W[H_INUSE] -= freed
+            W[n + 1] = nh & ~PREV_INUSE
+        W[c + 1] = sz | PREV_INUSE
+        W[c + (sz >> 3)] = sz
         bins.insert(W, c, sz)
         return 0
 
@@ -472,20 +478,20 @@ class Heap:
         `grow_top` is set and the chunk borders the top, by extending the region first.
         """
         W = self._w
-        h = W[(c + 8) >> 3]
+        h = W[c + 1]
         sz = h & SIZE_MASK
         keep = h & (PREV_INUSE | TAG_MASK)
         if nb <= sz:
             if sz - nb >= MIN_CHUNK:
-                W[(c + 8) >> 3] = nb | keep
-                r = c + nb
-                W[(r + 8) >> 3] = (sz - nb) | PREV_INUSE | tag(r)
-                self.release(r)  # the tail was counted in use with the chunk; release() uncounts it
+                W[c + 1] = nb | keep
+                r = c + (nb >> 3)
+                W[r + 1] = (sz - nb) | PREV_INUSE | tag(r)
+                self.release(r)
             return True
-        n = c + sz
+        n = c + (sz >> 3)
         t = W[H_TOP]
         if n == t:
-            tsz = W[(t + 8) >> 3] & SIZE_MASK
+            tsz = W[t + 1] & SIZE_MASK
             if sz + tsz < nb + MIN_CHUNK:
                 if not grow_top:
                     return False
@@ -496,31 +502,29 @@ class Heap:
                 W = self._w
                 if W[H_TOP] != t:  # the region continued past a foreign span: cannot grow here
                     return False
-                tsz = W[(t + 8) >> 3] & SIZE_MASK
-            top = c + nb
-            W[(top + 8) >> 3] = (sz + tsz - nb) | PREV_INUSE
+                tsz = W[t + 1] & SIZE_MASK
+            top = c + (nb >> 3)
+            W[top + 1] = (sz + tsz - nb) | PREV_INUSE
             W[H_TOP] = top
-            if top + HEADER > W[H_CLEAN]:
-                W[H_CLEAN] = top + HEADER
-            W[(c + 8) >> 3] = nb | keep
-            W[H_INUSE] += nb - sz
+            if top + 2 > W[H_CLEAN]:
+                W[H_CLEAN] = top + 2
+            W[c + 1] = nb | keep
             return True
-        nh = W[(n + 8) >> 3]
+        nh = W[n + 1]
         nsz = nh & SIZE_MASK
-        if W[(n + nsz + 8) >> 3] & PREV_INUSE or sz + nsz < nb:
+        if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
             return False
         bins.unlink(W, n, nsz)
         total = sz + nsz
         if total - nb >= MIN_CHUNK:
-            r = c + nb
-            W[(r + 8) >> 3] = (total - nb) | PREV_INUSE
-            W[(r + total - nb) >> 3] = total - nb
+            r = c + (nb >> 3)
+            W[r + 1] = (total - nb) | PREV_INUSE
+            W[c + (total >> 3)] = total - nb
             bins.insert(W, r, total - nb)
             total = nb
         else:
-            W[(c + total + 8) >> 3] |= PREV_INUSE
-        W[(c + 8) >> 3] = total | keep
-        W[H_INUSE] += total - sz
+            W[c + (total >> 3) + 1] |= PREV_INUSE
+        W[c + 1] = total | keep
         return True
 
     def align_chunk(self, c: int, nb: int, alignment: int) -> int:
@@ -529,28 +533,28 @@ class Heap:
         The chunk must hold `nb + alignment + MIN_CHUNK` bytes; the pieces before and after go back free.
         """
         W = self._w
-        base = self.base
-        p = (base + c + HEADER + alignment - 1) & ~(alignment - 1)
-        while p - HEADER - base - c and p - HEADER - base - c < MIN_CHUNK:
+        first = self.base + (c << 3) + HEADER
+        p = (first + alignment - 1) & ~(alignment - 1)
+        while p != first and p - first < MIN_CHUNK:
             p += alignment
-        a = p - HEADER - base
+        a = c + ((p - first) >> 3)
         if a != c:
-            h = W[(c + 8) >> 3]
+            h = W[c + 1]
             sz = h & SIZE_MASK
-            lead = a - c
-            W[(c + 8) >> 3] = lead | (h & PREV_INUSE) | tag(c)
-            W[(a + 8) >> 3] = (sz - lead) | PREV_INUSE | tag(a)
+            lead = (a - c) << 3
+            W[c + 1] = lead | (h & PREV_INUSE) | tag(c)
+            W[a + 1] = (sz - lead) | PREV_INUSE | tag(a)
             self.release(c)
             c = a
         self.resize_in_place(c, nb, grow_top=False)
         return c
 
     def zero_fresh(self, c: int, clean: int) -> None:
-        """Zero the block of the chunk at `c`, except what lies at or above `clean` (still zero from the OS)."""
-        start = c + HEADER
-        end = c + (self._w[(c + 8) >> 3] & SIZE_MASK) + OVERHEAD
+        """Zero the block of the chunk at `c`, except what lies at or above word `clean` (still zero)."""
+        start = c + 2
+        end = c + 1 + ((self._w[c + 1] & SIZE_MASK) >> 3)  # the block ends one word into the next chunk
         if start < clean:
-            libc.memset(self.base + start, 0, min(end, clean) - start)
+            libc.memset(self.base + (start << 3), 0, (min(end, clean) - start) << 3)
 
     def trim(self, pad: int = 0, reason: str = "malloc_trim", *, inner: bool = False) -> bool:
         """Give free memory back to the OS, keeping `pad` bytes in the top; True if anything went back.
@@ -565,95 +569,99 @@ class Heap:
         page = libc.PAGE_SIZE
         released = False
         t = W[H_TOP]
-        end = W[H_END]
-        keep = t + MIN_CHUNK + pad
+        end = W[H_END] << 3
+        keep = (t << 3) + MIN_CHUNK + pad
         extra = ((end - keep) // page) * page if end > keep else 0
         if extra > 0 and region.shrink(extra, reason):
             self._w = W = region.words
-            W[(t + 8) >> 3] = (end - extra - t) | PREV_INUSE
-            W[H_END] = end - extra
-            if W[H_CLEAN] > end - extra:
-                W[H_CLEAN] = end - extra
+            W[t + 1] = (end - extra - (t << 3)) | PREV_INUSE
+            W[H_END] = (end - extra) >> 3
+            if W[H_CLEAN] > W[H_END]:
+                W[H_CLEAN] = W[H_END]
             released = True
         else:
             lo = ((region.base + keep + page - 1) & ~(page - 1)) - region.base
-            if W[H_CLEAN] > lo and region.release(keep, end - keep, reason):
-                W[H_CLEAN] = lo
+            if W[H_CLEAN] << 3 > lo and region.release(keep, end - keep, reason):
+                W[H_CLEAN] = lo >> 3
                 released = True
         if inner:
             for i in range(64, N_BINS):
                 for f in bins.members(W, i):
-                    fsz = W[(f + 8) >> 3] & SIZE_MASK
-                    if region.release(f + 32, fsz - 32, reason):
+                    fsz = W[f + 1] & SIZE_MASK
+                    if region.release((f << 3) + 32, fsz - 32, reason):
                         released = True
         return released
 
     # ------------------------------------------------------------ the checks
 
     def _classify(self, c: int) -> Exception:
-        """Why the offset `c` is not a live chunk: walk the heap to find what lies there."""
-        p = self.base + c + HEADER
+        """Why word `c` is not the start of a live chunk: walk the heap to find what lies there."""
+        base = self.base
+        p = base + (c << 3) + HEADER
+        W = self._w
         try:
-            for off, size, word in self._walk():
-                if off == c:
+            for w, size, word in self._walk():
+                if w == c:
                     if word & FOREIGN:
                         return InvalidPointer(f"{p:#x} is inside memory of the C library's own malloc")
-                    if word & TAG_MASK == tag(off):
+                    if word & TAG_MASK == tag(w):
                         return HeapCorruption(f"the chunk after the block at {p:#x} was damaged "
-                                              "(its size or PREV_INUSE bit overwritten)", self.base + off + size)
-                    if self._is_free(off, size):
+                                              "(its size or PREV_INUSE bit overwritten)",
+                                              base + (w << 3) + size)
+                    if self._is_free(w, size):
                         return DoubleFree(f"double free: the block at {p:#x} is already free")
-                    return HeapCorruption(f"chunk header at {self.base + c:#x} was overwritten", self.base + c)
-                if off < c < off + size:
-                    stale = self._w[(c + 8) >> 3]
-                    if self._is_free(off, size) and not stale & TAG_MASK and \
-                            MIN_CHUNK <= (stale & SIZE_MASK) <= self._w[H_END]:
+                    return HeapCorruption(f"chunk header at {base + (c << 3):#x} was overwritten", base + (c << 3))
+                if w < c < w + (size >> 3):
+                    stale = W[c + 1]
+                    if self._is_free(w, size) and not stale & TAG_MASK and \
+                            MIN_CHUNK <= (stale & SIZE_MASK) <= W[H_END] << 3:
                         return DoubleFree(f"double free: the block at {p:#x} was freed and merged")
                     return InvalidPointer(f"{p:#x} is not the start of a block (it lies inside one at "
-                                          f"{self.base + off + HEADER:#x})")
+                                          f"{base + (w << 3) + HEADER:#x})")
         except HeapCorruption as exc:
             return exc
         return InvalidPointer(f"{p:#x} is not a block of this heap")
 
-    def _is_free(self, off: int, size: int) -> bool:
+    def _is_free(self, w: int, size: int) -> bool:
         W = self._w
-        if off == W[H_TOP]:
+        if w == W[H_TOP]:
             return True
-        return not W[(off + size + 8) >> 3] & PREV_INUSE
+        return not W[w + (size >> 3) + 1] & PREV_INUSE
 
     def _walk(self) -> Iterator[tuple[int, int, int]]:
-        """(offset, size, size word) of every chunk in address order; HeapCorruption on a bad size."""
+        """(word index, size, size word) of every chunk in address order; HeapCorruption on a bad size."""
         W = self._w
         end = W[H_END]
         top = W[H_TOP]
-        off = HEAP_HEADER
+        w = HEAP_WORDS
         while True:
-            word = W[(off + 8) >> 3]
+            word = W[w + 1]
             size = word & SIZE_MASK
-            if off == top:
-                if off + size != end:
-                    raise HeapCorruption(f"top chunk at {self.base + off:#x} does not end at the heap's end",
-                                         self.base + off)
-                yield off, size, word
+            if w == top:
+                if w + (size >> 3) != end:
+                    raise HeapCorruption(f"top chunk at {self.base + (w << 3):#x} does not end at the heap's end",
+                                         self.base + (w << 3))
+                yield w, size, word
                 return
-            if size < (HEADER if word & FOREIGN else MIN_CHUNK) or off + size > top:
-                raise HeapCorruption(f"chunk at {self.base + off:#x} has a bad size {size}", self.base + off)
-            yield off, size, word
-            off += size
+            if size < (HEADER if word & FOREIGN else MIN_CHUNK) or w + (size >> 3) > top:
+                raise HeapCorruption(f"chunk at {self.base + (w << 3):#x} has a bad size {size}",
+                                     self.base + (w << 3))
+            yield w, size, word
+            w += size >> 3
 
     def walk(self) -> Iterator[Chunk]:
         """Every chunk in address order."""
         W = self._w
-        for off, size, word in self._walk():
-            if off == W[H_TOP]:
+        for w, size, word in self._walk():
+            if w == W[H_TOP]:
                 state, b = "top", -1
             elif word & FOREIGN:
                 state, b = "foreign", -1
-            elif self._is_free(off, size):
+            elif self._is_free(w, size):
                 state, b = "free", bin_index(size)
             else:
                 state, b = "in use", -1
-            yield Chunk(self.base + off, size, state, b)
+            yield Chunk(self.base + (w << 3), size, state, b)
 
     def check(self, full: bool = True) -> None:
         """Verify the heap's invariants; raise HeapCorruption naming the address and what is wrong.
@@ -663,52 +671,47 @@ class Heap:
         W = self._w
         base = self.base
 
-        def bad(message: str, off: int = 0) -> HeapCorruption:
-            return HeapCorruption(message, base + off if off else base)
+        def bad(message: str, w: int = 0) -> HeapCorruption:
+            return HeapCorruption(message, base + (w << 3))
 
         if W[H_MAGIC] != MAGIC or W[H_VERSION] != VERSION:
             raise bad("heap header: bad magic number or version")
         end, top = W[H_END], W[H_TOP]
-        if end > self.region.size or end & 15 or not HEAP_HEADER <= top <= end - MIN_CHUNK or top & 15:
-            raise bad(f"heap header: end {end} or top {top} out of range")
+        if end << 3 > self.region.size or end & 1 or not HEAP_WORDS <= top <= end - 4 or top & 1:
+            raise bad(f"heap header: end {end} or top {top} (words) out of range")
         if not full:
             return
-        in_use = foreign_chunks = 0
+        foreign_chunks = 0
         free_chunks: dict[int, int] = {}
         prev_free = False
-        for off, size, word in self._walk():
+        for w, size, word in self._walk():
+            at = base + (w << 3)
             if bool(word & PREV_INUSE) == prev_free:
-                raise bad(f"chunk at {base + off:#x}: PREV_INUSE bit disagrees with the chunk before", off)
+                raise bad(f"chunk at {at:#x}: PREV_INUSE bit disagrees with the chunk before", w)
             if size & 15 or word & IS_MMAPPED:
-                raise bad(f"chunk at {base + off:#x}: bad size word {word:#x}", off)
-            if off == top:
+                raise bad(f"chunk at {at:#x}: bad size word {word:#x}", w)
+            if w == top:
                 if word & TAG_MASK:
-                    raise bad("the top chunk carries an in-use tag", off)
+                    raise bad("the top chunk carries an in-use tag", w)
                 break
-            nxt = W[(off + size + 8) >> 3]
-            free = not nxt & PREV_INUSE
+            free = not W[w + (size >> 3) + 1] & PREV_INUSE
             if word & FOREIGN:
                 if free:
-                    raise bad(f"foreign chunk at {base + off:#x} is marked free", off)
+                    raise bad(f"foreign chunk at {at:#x} is marked free", w)
                 foreign_chunks += size
             elif free:
                 if word & TAG_MASK:
-                    raise bad(f"free chunk at {base + off:#x} carries an in-use tag", off)
+                    raise bad(f"free chunk at {at:#x} carries an in-use tag", w)
                 if prev_free:
-                    raise bad(f"free chunks at {base + off:#x} and before it were not coalesced", off)
-                if W[(off + size) >> 3] != size:
-                    raise bad(f"free chunk at {base + off:#x}: boundary tag differs from its size", off)
-                free_chunks[off] = size
-            else:
-                if word & TAG_MASK != tag(off):
-                    raise bad(f"in-use chunk at {base + off:#x}: header tag overwritten", off)
-                in_use += size
+                    raise bad(f"free chunks at {at:#x} and before it were not coalesced", w)
+                if W[w + (size >> 3)] != size:
+                    raise bad(f"free chunk at {at:#x}: boundary tag differs from its size", w)
+                free_chunks[w] = size
+            elif word & TAG_MASK != tag(w):
+                raise bad(f"in-use chunk at {at:#x}: header tag overwritten", w)
             prev_free = free and not word & FOREIGN
-        if in_use != W[H_INUSE]:
-            raise bad(f"heap header: {W[H_INUSE]} bytes counted in use, {in_use} found")
         if foreign_chunks != W[H_FOREIGN_CHUNKS]:
             raise bad(f"heap header: foreign chunks of {W[H_FOREIGN_CHUNKS]} bytes counted, {foreign_chunks} found")
-        binned = 0
         for i in range(N_BINS):
             head = W[H_BINS + i]
             mask_word, bit = (H_SMALLMAP, i) if i < 64 else (H_LARGEMAP, i - 64)
@@ -718,20 +721,19 @@ class Heap:
             while c:
                 size = free_chunks.pop(c, -1)
                 if size < 0:
-                    raise bad(f"bin {i} links to {base + c:#x}, which is not a free chunk", c)
+                    raise bad(f"bin {i} links to {base + (c << 3):#x}, which is not a free chunk", c)
                 if bin_index(size) != i:
-                    raise bad(f"free chunk at {base + c:#x} of size {size} is in bin {i}", c)
-                if W[(c + 24) >> 3] != prev:
-                    raise bad(f"free chunk at {base + c:#x}: back link broken", c)
+                    raise bad(f"free chunk at {base + (c << 3):#x} of size {size} is in bin {i}", c)
+                if W[c + 3] != prev:
+                    raise bad(f"free chunk at {base + (c << 3):#x}: back link broken", c)
                 if size < last_size:
-                    raise bad(f"bin {i} is not sorted by size at {base + c:#x}", c)
-                binned += 1
-                prev, last_size, c = c, size, W[(c + 16) >> 3]
+                    raise bad(f"bin {i} is not sorted by size at {base + (c << 3):#x}", c)
+                prev, last_size, c = c, size, W[c + 2]
         if free_chunks:
-            off = min(free_chunks)
-            raise bad(f"free chunk at {base + off:#x} is in no bin", off)
+            w = min(free_chunks)
+            raise bad(f"free chunk at {base + (w << 3):#x} is in no bin", w)
         clean = W[H_CLEAN]
-        if clean < top + HEADER and clean < end:
+        if clean < top + 2 and clean < end:
             raise bad(f"heap header: clean mark {clean} is below the top chunk's header")
 
     def free_stats(self) -> tuple[int, int]:
@@ -741,9 +743,5 @@ class Heap:
         for i in range(N_BINS):
             for c in bins.members(W, i):
                 count += 1
-                size += W[(c + 8) >> 3] & SIZE_MASK
+                size += W[c + 1] & SIZE_MASK
         return count, size
-
-    @property
-    def small_limit(self) -> int:
-        return SMALL_LIMIT

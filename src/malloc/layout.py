@@ -1,20 +1,22 @@
 """The chunk format: constants, flag bits, size rounding and bin indices.
 
-A chunk at offset c (from the heap's base, always a multiple of 16):
+A chunk at offset c (from the heap's base, always a multiple of 16) is handled inside the engine by its
+word index w = c / 8, so that a header field is one index away (`W[w + 1]`):
 
-    c+0   prev_size   size of the previous chunk, valid only while that chunk is free
-    c+8   size word   size | flags in the low 4 bits | in-use tag in the top 16 bits
-    c+16  user data   (the address handed out); a free chunk keeps its bin links here:
-    c+16  next        offset of the next free chunk in its bin (0 = none)
-    c+24  prev        offset of the previous one (0 = it is the bin's first)
+    w+0   prev_size   size in bytes of the previous chunk, valid only while that chunk is free
+    w+1   size word   size in bytes | flags in the low 4 bits | in-use tag in the top 16 bits
+    w+2   user data   (the address handed out); a free chunk keeps its bin links here:
+    w+2   next        word index of the next free chunk in its bin (0 = none)
+    w+3   prev        word index of the previous one (0 = it is the bin's first)
 
 A free chunk repeats its size in the next chunk's prev_size word (the boundary tag), so the neighbour
 below a freed chunk is found in O(1). An in-use chunk may use the next chunk's prev_size word as data,
 so its usable size is its size less 8.
 
-The in-use tag is a 16-bit hash of the chunk's offset, written when a chunk is handed out and cleared when
-it is freed. It lets `free` tell a real block from an address inside one, or from an overwritten header,
-before it changes anything; free chunks and the top carry no tag.
+The in-use tag holds bits 1-15 of the chunk's word index (and a 1), written when a chunk is handed out
+and cleared when it is freed. It lets `free` tell a real block from an address inside one (less than
+256 KiB in), or from an overwritten header, before it changes anything; free chunks and the top carry
+no tag.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ SMALL_LIMIT = 1024
 N_BINS = 128
 
 
-def tag(offset: int) -> int:
-    """The in-use tag for the chunk at `offset`: never zero, already shifted into place."""
-    return ((((offset >> 4) * 40503) & 0xFFFF) | 1) << TAG_SHIFT
+TAG_ONE = 1 << TAG_SHIFT
+
+
+def tag(w: int) -> int:
+    """The in-use tag for the chunk at word index `w`: never zero, already shifted into place."""
+    return (w << TAG_SHIFT) & TAG_MASK | TAG_ONE
 
 
 def request_to_size(n: int) -> int:

@@ -84,7 +84,7 @@ class ProcessAllocator:
                 self._free_deferred()
             main = self._main
             c = main.allocate(nb) if main is not None and n <= MAX_REQUEST else 0
-            p = main.base + c + HEADER if c else self._allocate(n, nb, False)  # type: ignore[union-attr]
+            p = main.base + (c << 3) + HEADER if c else self._allocate(n, nb, False)  # type: ignore[union-attr]
         finally:
             lock.release()
         if self._perturb:
@@ -125,7 +125,7 @@ class ProcessAllocator:
             if c:
                 if zero:
                     heap.zero_fresh(c, clean)
-                return heap.base + c + HEADER
+                return heap.base + (c << 3) + HEADER
         if self._cached:
             # The cache never makes a heap grow: before asking the OS, it goes back into the heaps,
             # coalesced (as glibc consolidates its fastbins), and they are searched again.
@@ -143,7 +143,7 @@ class ProcessAllocator:
         c = heap.allocate(nb)
         if zero:
             heap.zero_fresh(c, clean)
-        return heap.base + c + HEADER
+        return heap.base + (c << 3) + HEADER
 
     def _grow(self, nb: int, reason: str) -> Heap:
         """A heap whose top can now serve `nb` bytes: the main heap grown, else a heap over a mapping."""
@@ -218,7 +218,7 @@ class ProcessAllocator:
             # Only the block's own header and its successor's are read, which no other thread may change.
             c = main.find_chunk(p)
             if c:
-                sz = main._w[(c + 8) >> 3] & SIZE_MASK
+                sz = main._w[c + 1] & SIZE_MASK
                 if sz <= CACHE_MAX:
                     cached = self._cached
                     if p in cached:
@@ -275,7 +275,7 @@ class ProcessAllocator:
             return
         heap = self._heap_of(p)
         c = heap.chunk_of(p)
-        sz = heap._w[(c + 8) >> 3] & SIZE_MASK
+        sz = heap._w[c + 1] & SIZE_MASK
         perturb = self._perturb
         if sz <= CACHE_MAX:
             if p in self._cached:
@@ -363,11 +363,11 @@ class ProcessAllocator:
             if heap.resize_in_place(c, nb, grow_top=nb < self.options.mmap_threshold):
                 self._note_system()
                 W = heap._w
-                if W[(W[H_TOP] + 8) >> 3] & SIZE_MASK >= self._trim_trigger:
+                if W[W[H_TOP] + 1] & SIZE_MASK >= self._trim_trigger:
                     self._trim_heap(heap, "top chunk exceeds the trim threshold after a shrink")
                 return p
             heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
-            old_usable = (heap._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
+            old_usable = (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
             q = self._allocate(n, nb, False)
             libc.memmove(q, p, min(old_usable, n))
             self._free(p)
@@ -406,7 +406,7 @@ class ProcessAllocator:
                 for heap in self._heaps:
                     c = heap.allocate(need)
                     if c:
-                        return heap.base + heap.align_chunk(c, nb, a) + HEADER
+                        return heap.base + (heap.align_chunk(c, nb, a) << 3) + HEADER
                 if flushed or not self._cached:
                     break
                 self._flush_cache()
@@ -419,7 +419,7 @@ class ProcessAllocator:
                     pass
             heap = self._grow(need, f"heap top too small for a {n}-byte block aligned to {a}")
             c = heap.allocate(need)
-            return heap.base + heap.align_chunk(c, nb, a) + HEADER
+            return heap.base + (heap.align_chunk(c, nb, a) << 3) + HEADER
 
     # ------------------------------------------------------------ questions
 
@@ -433,7 +433,7 @@ class ProcessAllocator:
             if mapped is not None:
                 return mapped[1] - (p - HEADER - mapped[0]) - HEADER
             heap, c = self._live_chunk(p)
-            return (heap._w[(c + 8) >> 3] & SIZE_MASK) - OVERHEAD
+            return (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
 
     def view(self, p: int, n: int | None = None) -> memoryview:
         """A writable memoryview of the live block at `p`: its first `n` bytes, by default all of it.
@@ -519,7 +519,7 @@ class ProcessAllocator:
                 for p in entries:
                     heap = self._heap_of(p)
                     c = heap.chunk_of(p)
-                    if heap._w[(c + 8) >> 3] & SIZE_MASK != size:
+                    if heap._w[c + 1] & SIZE_MASK != size:
                         raise HeapCorruption(f"cached block at {p:#x} is not of size {size}", p - HEADER)
             for p, (m, length) in self._mapped.items():
                 self._check_mapped(p, m, length)
