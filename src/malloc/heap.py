@@ -304,10 +304,11 @@ class Heap:
                 m = W[H_LARGEMAP] >> (i - 63)
                 c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
         if c:
-            if c & 1 or c >= W[H_TOP]:
+            t = W[H_TOP]
+            if c & 1 or c >= t:
                 raise HeapCorruption(f"a bin links to word {c}, which is no chunk", self.base)
             sz = W[c + 1] & SIZE_MASK
-            if sz < nb or c + (sz >> 3) >= W[H_TOP]:
+            if sz < nb or c + (sz >> 3) >= t:
                 raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
                                      self.base + (c << 3))
             bins.unlink(W, c, sz)
