@@ -12,7 +12,6 @@ then against its chunk header; a wrong one raises and changes nothing.
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from bisect import bisect_right
@@ -56,7 +55,6 @@ class ProcessAllocator:
         self._perturb = 0  # read on every fast path; _sync_options keeps these two in step
         self._trim_trigger = 0  # top size from which a free tries to trim
         self._sync_options()
-        self._pid = os.getpid()
 
     # ----------------------------------------------------------- allocation
 
@@ -577,7 +575,6 @@ class ProcessAllocator:
     def after_fork_child(self) -> None:
         """In the child: a fresh lock, and the inherited fast cache emptied back into the heap."""
         self._lock = threading.RLock()
-        self._pid = os.getpid()
         self._flush_cache()
         # A block some other thread was caching or taking at the fork is in the set but in no list:
         # it stays in use, as that thread's call never finished in this process.

@@ -51,11 +51,6 @@ def detach(sink: list[Event]) -> None:
             return
 
 
-def snapshot() -> dict[str, int]:
-    """A copy of the call counts, to subtract from a later one."""
-    return dict(counts)
-
-
 class Recorder:
     """`with Recorder() as calls:` collects the events made inside the block into the list `calls`."""
 
