@@ -14,6 +14,8 @@ integers usable with ctypes, memoryview (`view`) and numpy.
 from __future__ import annotations
 
 import os as _os
+import sys
+from typing import TextIO
 
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import Chunk, Heap, size_arg
@@ -89,16 +91,16 @@ def malloc_trim(pad: int = 0) -> int:
     return int(allocator.trim(pad))
 
 
-def stats() -> str:
-    """A malloc_stats-like report, as text."""
+def stats(file: TextIO | None = None) -> None:
+    """Print a malloc_stats-like report: per heap, then totals with the mapped chunks and the fast cache.
+
+    It goes to `file`, by default standard output.
+    """
     info = allocator.mallinfo()
     heaps = [(h.region.kind, h.held, h.in_use, h.held - h.in_use) for h in allocator.heaps]
-    return format_stats(info, heaps)
+    print(format_stats(info, heaps), file=sys.stdout if file is None else file)
 
 
 def malloc_stats() -> None:
-    """Print the malloc_stats-like report to standard error, as glibc does."""
-    import sys
-
-    print(stats(), file=sys.stderr)
-
+    """glibc's malloc_stats: the same report, on standard error."""
+    stats(sys.stderr)
