@@ -64,17 +64,11 @@ class ProcessAllocator:
             n = size_arg(n)
         nb = (n + 23) & ~15 if n > 24 else MIN_CHUNK
         if nb <= CACHE_MAX:
-            entries = self._cache_bins.get(nb)
-            if entries:
-                try:
-                    p = entries.pop()  # atomic under the GIL: the fast cache needs no lock
-                except IndexError:  # another thread took the last one
-                    p = 0
-                if p:
-                    self._cached.discard(p)
-                    if self._perturb:
-                        libc.memset(p, self._perturb ^ 0xFF, nb - OVERHEAD)
-                    return p
+            p = self._cache_take(nb)
+            if p:
+                if self._perturb:
+                    libc.memset(p, self._perturb ^ 0xFF, nb - OVERHEAD)
+                return p
         lock = self._lock
         lock.acquire()
         try:
@@ -99,46 +93,81 @@ class ProcessAllocator:
             raise MemoryError(f"calloc({count}, {size}) overflows")
         nb = request_size(total)
         if nb <= CACHE_MAX:
-            entries = self._cache_bins.get(nb)
-            if entries:
-                try:
-                    p = entries.pop()
-                except IndexError:
-                    p = 0
-                if p:
-                    self._cached.discard(p)
-                    libc.memset(p, 0, nb - OVERHEAD)
-                    return p
+            p = self._cache_take(nb)
+            if p:
+                libc.memset(p, 0, nb - OVERHEAD)
+                return p
         with self._lock:
             return self._allocate(total, nb, True)
+
+    def _cache_take(self, nb: int) -> int:
+        """A cached block of chunk size `nb`, or 0. Needs no lock: `list.pop` is atomic under the GIL."""
+        entries = self._cache_bins.get(nb)
+        if not entries:
+            return 0
+        try:
+            p = entries.pop()
+        except IndexError:  # another thread took the last one
+            return 0
+        self._cached.discard(p)
+        return p
+
+    def _cache_put(self, p: int, sz: int) -> bool:
+        """Keep the freed block `p` (chunk size `sz`) in the fast cache if its list has room; DoubleFree
+        if it is there already. Needs no lock: only single atomic set and list calls change the cache."""
+        cached = self._cached
+        if p in cached:
+            raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
+        entries = self._cache_bins.get(sz)
+        if entries is None:
+            entries = self._cache_bins.setdefault(sz, [])
+        if len(entries) >= CACHE_COUNT:
+            return False
+        if self._perturb:
+            libc.memset(p, self._perturb, sz - OVERHEAD)
+        cached.add(p)  # the set first: every listed block is a member at any instant (see check)
+        entries.append(p)
+        return True
+
+    def _search(self, nb: int) -> tuple[Heap | None, int, int]:
+        """(heap, chunk, the heap's clean mark before) for `nb` bytes from any heap's bins or top, or
+        (None, 0, 0). Cached blocks are invisible to the heaps, so before giving up the cache goes back
+        into them, coalesced (as glibc consolidates its fastbins), and they are searched again: the cache
+        never makes a heap grow."""
+        for flushed in (False, True):
+            for heap in self._heaps:
+                clean = heap._w[H_CLEAN]
+                c = heap.allocate(nb)
+                if c:
+                    return heap, c, clean
+            if flushed or not self._cached:
+                break
+            self._flush_cache()
+        return None, 0, 0
+
+    def _from_os(self, need: int, nb: int, alignment: int, what: str) -> tuple[Heap | None, int]:
+        """Memory for `what` from the OS, glibc's way: at or above the mmap threshold a mapping of its own,
+        (None, block address); else, or if that fails, a heap grown to serve `need` bytes, (heap, 0)."""
+        opts = self.options
+        if need >= opts.mmap_threshold and len(self._mapped) < opts.mmap_max:
+            try:
+                return None, self._map_chunk(nb, alignment, f"{what} is at or above the "
+                                                            f"{opts.mmap_threshold}-byte mmap threshold")
+            except MemoryError:
+                pass  # as glibc does, try the heap before giving up
+        return self._grow(need, f"heap top too small for {what}"), 0
 
     def _allocate(self, n: int, nb: int, zero: bool) -> int:
         """Serve a request the cache could not: the heaps' free memory first, then the OS."""
         if n > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {n} bytes")
-        heaps = self._heaps
-        for heap in heaps:
-            clean = heap._w[H_CLEAN] if zero else 0
+        heap, c, clean = self._search(nb)
+        if heap is None:
+            heap, p = self._from_os(nb, nb, 16, f"a {n}-byte request")
+            if heap is None:
+                return p
+            clean = heap._w[H_CLEAN]
             c = heap.allocate(nb)
-            if c:
-                if zero:
-                    heap.zero_fresh(c, clean)
-                return heap.base + (c << 3) + HEADER
-        if self._cached:
-            # The cache never makes a heap grow: before asking the OS, it goes back into the heaps,
-            # coalesced (as glibc consolidates its fastbins), and they are searched again.
-            self._flush_cache()
-            return self._allocate(n, nb, zero)
-        opts = self.options
-        if nb >= opts.mmap_threshold and len(self._mapped) < opts.mmap_max:
-            try:
-                return self._map_chunk(nb, 16, f"a {n}-byte request is at or above the "
-                                               f"{opts.mmap_threshold}-byte mmap threshold")
-            except MemoryError:
-                pass  # as glibc does, try the heap before giving up
-        heap = self._grow(nb, f"heap top too small for a {n}-byte request")
-        clean = heap._w[H_CLEAN]
-        c = heap.allocate(nb)
         if zero:
             heap.zero_fresh(c, clean)
         return heap.base + (c << 3) + HEADER
@@ -211,49 +240,25 @@ class ProcessAllocator:
         if not p:
             return
         main = self._main
-        if main is not None:
+        c = main.find_chunk(p) if main is not None else 0
+        if c:
             # The common case needs no lock: a live small block of the main heap joins the fast cache.
             # Only the block's own header and its successor's are read, which no other thread may change.
-            c = main.find_chunk(p)
-            if c:
-                sz = main._w[c + 1] & SIZE_MASK
-                if sz <= CACHE_MAX:
-                    cached = self._cached
-                    if p in cached:
-                        raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
-                    entries = self._cache_bins.get(sz)
-                    if entries is None:
-                        entries = self._cache_bins.setdefault(sz, [])
-                    if len(entries) < CACHE_COUNT:
-                        if self._perturb:
-                            libc.memset(p, self._perturb, sz - OVERHEAD)
-                        cached.add(p)
-                        entries.append(p)
-                        return
-                if self._perturb:
-                    libc.memset(p, self._perturb, sz - OVERHEAD)
-                lock = self._lock
-                if lock._is_owned():  # type: ignore[attr-defined]
-                    self._deferred.append(p)  # nested in our own call (a finalizer): free it on the way out
-                    return
-                lock.acquire()
-                try:
-                    if self._deferred:
-                        self._free_deferred()
-                    if main.release(c) >= self._trim_trigger:
-                        self._trim_heap(main, "top chunk exceeds the trim threshold after a free")
-                finally:
-                    lock.release()
+            sz = main._w[c + 1] & SIZE_MASK  # type: ignore[union-attr]
+            if sz <= CACHE_MAX and self._cache_put(p, sz):
                 return
         lock = self._lock
         if lock._is_owned():  # type: ignore[attr-defined]
-            self._deferred.append(p)
+            self._deferred.append(p)  # nested in our own call (a finalizer): free it on the way out
             return
         lock.acquire()
         try:
             if self._deferred:
                 self._free_deferred()
-            self._free(p)
+            if c:
+                self._release(main, c, sz)  # type: ignore[arg-type]
+            else:
+                self._free(p)
         finally:
             lock.release()
 
@@ -274,19 +279,14 @@ class ProcessAllocator:
         heap = self._heap_of(p)
         c = heap.chunk_of(p)
         sz = heap._w[c + 1] & SIZE_MASK
-        perturb = self._perturb
-        if sz <= CACHE_MAX:
-            if p in self._cached:
-                raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
-            entries = self._cache_bins.setdefault(sz, [])
-            if len(entries) < CACHE_COUNT:
-                if perturb:
-                    libc.memset(p, perturb, sz - OVERHEAD)
-                self._cached.add(p)
-                entries.append(p)
-                return
-        if perturb:
-            libc.memset(p, perturb, sz - OVERHEAD)
+        if sz <= CACHE_MAX and self._cache_put(p, sz):
+            return
+        self._release(heap, c, sz)
+
+    def _release(self, heap: Heap, c: int, sz: int) -> None:
+        """Give the live chunk `c` (of `sz` bytes) back to its heap, trimming if the top grew enough."""
+        if self._perturb:
+            libc.memset(heap.base + (c << 3) + HEADER, self._perturb, sz - OVERHEAD)
         if heap.release(c) >= self._trim_trigger:
             self._trim_heap(heap, "top chunk exceeds the trim threshold after a free")
 
@@ -400,23 +400,12 @@ class ProcessAllocator:
         nb = request_size(n)
         need = nb + a + MIN_CHUNK
         with self._lock:
-            for flushed in (False, True):
-                for heap in self._heaps:
-                    c = heap.allocate(need)
-                    if c:
-                        return heap.base + (heap.align_chunk(c, nb, a) << 3) + HEADER
-                if flushed or not self._cached:
-                    break
-                self._flush_cache()
-            opts = self.options
-            if need >= opts.mmap_threshold and len(self._mapped) < opts.mmap_max:
-                try:
-                    return self._map_chunk(nb, a, f"a {n}-byte block aligned to {a} is at or above the "
-                                                  f"{opts.mmap_threshold}-byte mmap threshold")
-                except MemoryError:
-                    pass
-            heap = self._grow(need, f"heap top too small for a {n}-byte block aligned to {a}")
-            c = heap.allocate(need)
+            heap, c, _clean = self._search(need)
+            if heap is None:
+                heap, p = self._from_os(need, nb, a, f"a {n}-byte block aligned to {a}")
+                if heap is None:
+                    return p
+                c = heap.allocate(need)
             return heap.base + (heap.align_chunk(c, nb, a) << 3) + HEADER
 
     # ------------------------------------------------------------ questions
