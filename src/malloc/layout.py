@@ -45,7 +45,10 @@ TAG_ONE = 1 << TAG_SHIFT
 
 
 def tag(w: int) -> int:
-    """The in-use tag for the chunk at word index `w`: never zero, already shifted into place."""
+    """The in-use tag for the chunk at word index `w`: never zero, already shifted into place.
+
+    heap.py's hot paths write this expression out rather than call it: a call costs more than the tag.
+    """
     return (w << TAG_SHIFT) & TAG_MASK | TAG_ONE
 
 
