@@ -1,22 +1,39 @@
-"""The `malloc` command: `malloc demo` runs the live demonstration."""
+"""The `malloc` command (`python -m malloc ...`): one subcommand per module in `malloc.commands`.
+
+A subcommand's module is imported only when that subcommand runs, so `malloc record` does not start the
+allocator and `malloc --help` stays quick. Each module has `add_arguments(parser)` and `run(args) -> int` (the exit
+status); its one-line help is in COMMANDS.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from types import ModuleType
 
-from . import demo
+# name -> (module under malloc.commands, one-line help); the help is here so that --help imports nothing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "a short live demonstration of how the allocator gets memory from the OS"),
+}
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"malloc.commands.{COMMANDS[name][0]}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]) and run the subcommand; returns its exit status."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="malloc", description="A real memory allocator in Python.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="show, live, how the allocator gets memory from the OS")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, description=text)
+    # Parse the command name first, then let only that command's module add its arguments.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first in COMMANDS:
+        module = _module(first)
+        module.add_arguments(sub.choices[first])
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo.main()
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    status: int = _module(args.command).run(args)
+    return status
