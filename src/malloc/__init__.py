@@ -31,7 +31,7 @@ __all__ = [
     "InvalidPointer", "MallInfo", "MapRegion", "Options", "ProcessAllocator", "Region",
     "aligned_alloc", "allocator", "calloc", "check", "free", "mallinfo", "malloc", "malloc_stats",
     "malloc_trim", "malloc_usable_size", "mallopt", "memalign", "posix_memalign", "pvalloc",
-    "realloc", "reallocarray", "stats", "trim", "usable_size", "valloc", "view", "walk",
+    "realloc", "reallocarray", "remember_requests", "stats", "trim", "usable_size", "valloc", "view", "walk",
 ]
 
 allocator = ProcessAllocator()
@@ -52,6 +52,7 @@ mallopt = allocator.mallopt
 mallinfo = allocator.mallinfo
 check = allocator.check
 walk = allocator.walk
+remember_requests = allocator.remember_requests
 trim = allocator.trim
 
 

@@ -68,8 +68,9 @@ class Chunk:
 
     address: int  # of the chunk header; the user's block starts 16 bytes later
     size: int
-    state: str  # "in use", "free", "top" or "foreign"
+    state: str  # "in use", "free", "top" or "foreign" (the process allocator adds "cached" and "mapped")
     bin: int  # bin index of a free chunk, else -1
+    request: int = -1  # bytes asked for by the allocation that made an in-use chunk, when known
 
 
 def size_arg(n: object, what: str = "size") -> int:

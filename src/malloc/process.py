@@ -52,7 +52,9 @@ class ProcessAllocator:
         self._cache = FastCache()
         self._cache_bins = self._cache.bins  # the hot paths' direct handles on the cache
         self._cached = self._cache.members
-        self._perturb = 0  # read on every fast path; _sync_options keeps these two in step
+        self._perturb = 0  # _sync_options keeps these in step with the options
+        self._requests: dict[int, int] | None = None  # block address -> bytes asked for, while remembered
+        self._extra = False  # perturbing or remembering requests: the one test malloc's fast path pays
         self._trim_trigger = 0  # top size from which a free tries to trim
         self._sync_options()
 
@@ -66,8 +68,8 @@ class ProcessAllocator:
         if nb <= CACHE_MAX:
             p = self._cache_take(nb)
             if p:
-                if self._perturb:
-                    libc.memset(p, self._perturb ^ 0xFF, nb - OVERHEAD)
+                if self._extra:
+                    self._after_malloc(p, n)
                 return p
         lock = self._lock
         lock.acquire()
@@ -79,9 +81,16 @@ class ProcessAllocator:
             p = main.base + (c << 3) + HEADER if c else self._allocate(n, nb, False)  # type: ignore[union-attr]
         finally:
             lock.release()
+        if self._extra:
+            self._after_malloc(p, n)
+        return p
+
+    def _after_malloc(self, p: int, n: int) -> None:
+        """The optional work after a malloc: fill with the perturb byte, remember the request."""
         if self._perturb:
             libc.memset(p, self._perturb ^ 0xFF, n)
-        return p
+        if self._requests is not None:
+            self._requests[p] = n
 
     def calloc(self, count: int, size: int) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product overflows.
@@ -92,13 +101,15 @@ class ProcessAllocator:
         if total > MAX_REQUEST:
             raise MemoryError(f"calloc({count}, {size}) overflows")
         nb = request_size(total)
-        if nb <= CACHE_MAX:
-            p = self._cache_take(nb)
-            if p:
-                libc.memset(p, 0, nb - OVERHEAD)
-                return p
-        with self._lock:
-            return self._allocate(total, nb, True)
+        p = self._cache_take(nb) if nb <= CACHE_MAX else 0
+        if p:
+            libc.memset(p, 0, nb - OVERHEAD)
+        else:
+            with self._lock:
+                p = self._allocate(total, nb, True)
+        if self._requests is not None:
+            self._requests[p] = total
+        return p
 
     def _cache_take(self, nb: int) -> int:
         """A cached block of chunk size `nb`, or 0. Needs no lock: `list.pop` is atomic under the GIL."""
@@ -338,6 +349,12 @@ class ProcessAllocator:
         `realloc(0, n)` is `malloc(n)` and `realloc(p, 0)` frees `p` and returns 0. A block grows in place
         into a free neighbour or the top when it can; a mapped block is moved with mremap.
         """
+        q = self._realloc(p, n)
+        if self._requests is not None and q:
+            self._requests[q] = n
+        return q
+
+    def _realloc(self, p: int, n: int) -> int:
         p = address_arg(p)
         n = size_arg(n)
         if not p:
@@ -391,6 +408,12 @@ class ProcessAllocator:
 
     def memalign(self, alignment: int, n: int) -> int:
         """A block of at least `n` bytes at a multiple of `alignment` (a power of two)."""
+        p = self._memalign(alignment, n)
+        if self._requests is not None:
+            self._requests[p] = n
+        return p
+
+    def _memalign(self, alignment: int, n: int) -> int:
         a = alignment_arg(alignment)
         n = size_arg(n)
         if a <= 16:
@@ -476,20 +499,33 @@ class ProcessAllocator:
                 uordblks=in_use - cached_size, fordblks=fordblks, keepcost=keepcost,
                 system_current=self.system_current, system_max=self.system_max)
 
+    def remember_requests(self, on: bool = True) -> None:
+        """Start (or stop) remembering the size asked for by each allocation, for `walk` to report.
+
+        Off by default: it costs a dictionary store per allocation. Starting forgets what was remembered before.
+        """
+        with self._lock:
+            self._requests = {} if on else None
+            self._sync_options()
+
     def walk(self) -> Iterator[Chunk]:
         """Every chunk of every heap in address order (blocks in the fast cache show as "cached"),
-        then every mapped chunk."""
+        then every mapped chunk. A block's `request` is the size asked for when `remember_requests` was on
+        as it was made, else -1."""
         with self._lock:
             cached = {p - HEADER for p in list(self._cached)}
             chunks = [c for heap in self._by_start for c in heap.walk()]
             mapped = sorted(self._mapped.items())
+            requests = dict(self._requests) if self._requests is not None else {}
         for chunk in chunks:
             if chunk.address in cached:
                 yield Chunk(chunk.address, chunk.size, "cached", -1)
+            elif chunk.state == "in use":
+                yield Chunk(chunk.address, chunk.size, "in use", -1, requests.get(chunk.address + HEADER, -1))
             else:
                 yield chunk
         for p, (m, length) in mapped:
-            yield Chunk(p - HEADER, length - (p - HEADER - m), "mapped", -1)
+            yield Chunk(p - HEADER, length - (p - HEADER - m), "mapped", -1, requests.get(p, -1))
 
     def check(self) -> None:
         """Verify every invariant of every heap, the fast cache and the mapped chunks' headers."""
@@ -546,6 +582,7 @@ class ProcessAllocator:
         """Copy the settings the hot paths read into plain attributes (and onto the heaps)."""
         opts = self.options
         self._perturb = opts.perturb
+        self._extra = bool(self._perturb) or self._requests is not None
         # glibc tries to trim once the top reaches the trim threshold; a trim can release nothing
         # until the top exceeds the pad by a page, so that is checked here, once, instead of on every free.
         self._trim_trigger = max(opts.trim_threshold, opts.top_pad + MIN_CHUNK + PAGE)
