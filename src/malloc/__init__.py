@@ -21,17 +21,18 @@ from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import Chunk, Heap, size_arg
 from .info import MallInfo, format_stats
 from .options import M_MMAP_MAX, M_MMAP_THRESHOLD, M_PERTURB, M_TOP_PAD, M_TRIM_THRESHOLD, Options
+from .os.events import Event, Recorder
 from .os.libc import PAGE_SIZE as _PAGE
 from .process import ProcessAllocator
 from .region import BreakRegion, BufferRegion, MapRegion, Region
 
 __all__ = [
     "M_MMAP_MAX", "M_MMAP_THRESHOLD", "M_PERTURB", "M_TOP_PAD", "M_TRIM_THRESHOLD",
-    "BreakRegion", "BufferRegion", "Chunk", "DoubleFree", "Heap", "HeapCorruption", "HeapError",
+    "BreakRegion", "BufferRegion", "Chunk", "DoubleFree", "Event", "Heap", "HeapCorruption", "HeapError",
     "InvalidPointer", "MallInfo", "MapRegion", "Options", "ProcessAllocator", "Region",
     "aligned_alloc", "allocator", "calloc", "check", "free", "mallinfo", "malloc", "malloc_stats",
     "malloc_trim", "malloc_usable_size", "mallopt", "memalign", "posix_memalign", "pvalloc",
-    "realloc", "reallocarray", "remember_requests", "stats", "trim", "usable_size", "valloc", "view", "walk",
+    "realloc", "reallocarray", "remember_requests", "stats", "trace", "trim", "usable_size", "valloc", "view", "walk",
 ]
 
 allocator = ProcessAllocator()
@@ -53,6 +54,12 @@ mallinfo = allocator.mallinfo
 check = allocator.check
 walk = allocator.walk
 remember_requests = allocator.remember_requests
+
+
+def trace() -> Recorder:
+    """`with malloc.trace() as calls:` collects into the list `calls` an `Event` for every system call the
+    allocator makes inside the block (name, args, result, reason, time). Costs nothing when none is active."""
+    return Recorder()
 trim = allocator.trim
 
 
