@@ -89,7 +89,8 @@ def sbrk(increment: int, reason: str) -> int:
 def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE, flags: int = 0,
                    address: int = 0) -> int:
     """Map `size` bytes of private anonymous memory; return its address."""
-    result = _mmap_fn(address or None, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0)
+    flags |= MAP_PRIVATE | MAP_ANONYMOUS
+    result = _mmap_fn(address or None, size, prot, flags, -1, 0)
     if result is None or result == _MAP_FAILED:
         events.record("mmap", (address, size, prot, flags), -1, reason)
         raise _fail(f"mmap({size})")
