@@ -600,7 +600,7 @@ def test_perturb_fills_new_and_freed_blocks() -> None:
         out["freed_cached"] = pattern(p, 0, usable)
         p2 = malloc.malloc(100)                   # back from the cache
         out["cache_same"] = p2 == p
-        out["new_cached"] = pattern(p2, 0, usable)
+        out["new_cached"] = pattern(p2, 0, 100)     # the bytes asked for, as glibc's alloc_perturb
         big = malloc.malloc(5000)
         guard = malloc.malloc(16)
         libc.memset(big, 0x11, 5000)
