@@ -25,6 +25,7 @@ from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, SIZE_M
 from .options import Options
 from .os import libc
 from .region import MAP_RESERVE, BreakRegion, MapRegion
+from .units import size_approx, size_text
 
 CACHE_MAX = CACHE_MAX_CHUNK
 PAGE = libc.PAGE_SIZE
@@ -163,7 +164,7 @@ class ProcessAllocator:
         if need >= opts.mmap_threshold and len(self._mapped) < opts.mmap_max:
             try:
                 return None, self._map_chunk(nb, alignment, f"{what} is at or above the "
-                                                            f"{opts.mmap_threshold}-byte mmap threshold")
+                                                            f"{size_text(opts.mmap_threshold)} mmap threshold")
             except MemoryError:
                 pass  # as glibc does, try the heap before giving up
         return self._grow(need, f"heap top too small for {what}"), 0
@@ -174,7 +175,7 @@ class ProcessAllocator:
             raise MemoryError(f"cannot allocate {n} bytes")
         heap, c, clean = self._search(nb)
         if heap is None:
-            heap, p = self._from_os(nb, nb, 16, f"a {n}-byte request")
+            heap, p = self._from_os(nb, nb, 16, f"a request of {size_text(n)}")
             if heap is None:
                 return p
             clean = heap._w[H_CLEAN]
@@ -299,9 +300,11 @@ class ProcessAllocator:
         if self._perturb:
             libc.memset(heap.base + (c << 3) + HEADER, self._perturb, sz - OVERHEAD)
         if heap.release(c) >= self._trim_trigger:
-            self._trim_heap(heap, "top chunk exceeds the trim threshold after a free")
+            self._trim_heap(heap, "after a free")
 
-    def _trim_heap(self, heap: Heap, reason: str) -> None:
+    def _trim_heap(self, heap: Heap, when: str) -> None:
+        reason = (f"top chunk of {size_approx(heap.top_size)} exceeds the "
+                  f"{size_text(self.options.trim_threshold)} trim threshold {when}")
         if heap.trim(self.options.top_pad, reason):
             self._note_system()
 
@@ -322,7 +325,7 @@ class ProcessAllocator:
         self._check_mapped(p, m, length)
         del self._mapped[p]
         self._mapped_bytes -= length
-        libc.munmap(m, length, f"free of a {length}-byte mapped chunk")
+        libc.munmap(m, length, f"free of a mapped chunk of {size_text(length)}")
         if self.options.freed_mapped_chunk(length - (p - HEADER - m)):
             self._sync_options()
 
@@ -379,7 +382,7 @@ class ProcessAllocator:
                 self._note_system()
                 W = heap._w
                 if W[W[H_TOP] + 1] & SIZE_MASK >= self._trim_trigger:
-                    self._trim_heap(heap, "top chunk exceeds the trim threshold after a shrink")
+                    self._trim_heap(heap, "after a realloc shrank a block")
                 return p
             heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
             old_usable = (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
@@ -395,7 +398,7 @@ class ProcessAllocator:
         new_length = page_align_up(request_size(n) + OVERHEAD + offset, PAGE)
         if new_length == length:
             return p
-        m2 = libc.mremap(m, length, new_length, f"realloc of a mapped chunk to {n} bytes")
+        m2 = libc.mremap(m, length, new_length, f"realloc of a mapped chunk to {size_text(n)}")
         p2 = m2 + offset + HEADER
         header = libc.memory_view(p2 - HEADER, HEADER).cast("Q")
         header[1] = (new_length - offset) | IS_MMAPPED
@@ -425,7 +428,7 @@ class ProcessAllocator:
         with self._lock:
             heap, c, _clean = self._search(need)
             if heap is None:
-                heap, p = self._from_os(need, nb, a, f"a {n}-byte block aligned to {a}")
+                heap, p = self._from_os(need, nb, a, f"a request of {size_text(n)} aligned to {a}")
                 if heap is None:
                     return p
                 c = heap.allocate(need)

@@ -1,0 +1,22 @@
+"""Sizes as people read them: exact binary units where they fit, bytes otherwise."""
+
+from __future__ import annotations
+
+_UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+
+
+def size_text(n: int) -> str:
+    """`n` bytes in the largest binary unit that divides it exactly ("128 KiB", "1 MiB"), else "200 bytes"."""
+    for scale, unit in _UNITS:
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} byte" if n == 1 else f"{n} bytes"
+
+
+def size_approx(n: int) -> str:
+    """`n` bytes rounded for reading ("1.5 MiB", "300 KiB", "200 B")."""
+    for scale, unit in _UNITS:
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value >= 100 or value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
