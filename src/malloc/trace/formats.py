@@ -1,136 +1,95 @@
-"""Trace file formats: the CS:APP malloc-lab `.rep` format.
+"""Trace file formats: the CS:APP malloc-lab `.rep` format and glibc's mtrace log.
 
-A parsed trace holds its requests as a tuple of `(op, id, size)` int tuples, the shape a replay loop
-unpacks fastest. The id of `free(NULL)` stays -1, so a replay table of `num_ids + 1` slots can index it
-directly: slot -1 is the spare last slot, which no real id uses and which therefore always holds NULL.
+This module is the one place to import them from: the parsed form (`Trace`, the op codes, `TraceError`,
+`peak_live`, from `model`), each format's reader and writer (`rep`, `mtrace`), and `load`/`save`, which pick
+the format by content (reading) or by the file name's suffix (writing).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 
-ALLOC = 0  # a ID N: block ID = malloc(N)
-REALLOC = 1  # r ID N: block ID = realloc(block ID, N); realloc(NULL, N) if ID is not live
-FREE = 2  # f ID: free(block ID); ID -1 is free(NULL)
+from .model import ALLOC, FREE, REALLOC, Op, Trace, TraceError, peak_live
+from .mtrace import format_mtrace, parse_mtrace, write_mtrace
+from .rep import format_rep, parse_rep, write_rep
 
-Op = tuple[int, int, int]
+__all__ = [
+    "ALLOC",
+    "FORMATS",
+    "FREE",
+    "REALLOC",
+    "Op",
+    "Trace",
+    "TraceError",
+    "format_mtrace",
+    "format_of",
+    "format_rep",
+    "load",
+    "parse_mtrace",
+    "parse_rep",
+    "peak_live",
+    "save",
+    "suffix_format",
+    "write_mtrace",
+    "write_rep",
+]
 
-_OPS = {"a": ALLOC, "r": REALLOC, "f": FREE}
-_MAX_SIZE = (1 << 63) - 1  # a size_t request beyond this is nonsense in a trace
+FilePath = str | os.PathLike[str]
+Reader = Callable[[FilePath], Trace]
+Writer = Callable[[Trace, FilePath], None]
+
+# name -> (reader, writer); the name is also the file suffix
+FORMATS: dict[str, tuple[Reader, Writer]] = {
+    "rep": (parse_rep, write_rep),
+    "mtrace": (parse_mtrace, write_mtrace),
+}
+_SNIFF_BYTES = 4096  # enough for the first line of either format
 
 
-class TraceError(ValueError):
-    """A malformed trace file; the message names the file, the line and what is wrong."""
+def format_of(path: str | os.PathLike[str]) -> str:
+    """Which format the file holds, from its first non-blank line: "rep" (a number) or "mtrace" (an event).
 
-
-@dataclass(frozen=True)
-class Trace:
-    """A parsed trace: its name, the number of block ids it declares, and its requests in order."""
-
-    name: str
-    num_ids: int
-    ops: tuple[Op, ...]  # (ALLOC | REALLOC | FREE, id, size); size is 0 for FREE
-
-    @property
-    def num_ops(self) -> int:
-        return len(self.ops)
-
-
-def parse_rep(path: str | os.PathLike[str]) -> Trace:
-    """Parse a malloc-lab `.rep` file (LF or CRLF line ends); TraceError if it is malformed.
-
-    Strict where the real files are exact: the declared op count must match, every id must be below the
-    declared id count (or -1, in `f` only), and sizes are plain non-negative decimals. Blank lines and
-    surrounding whitespace are tolerated, since they cannot be misread.
+    TraceError if it is empty or neither; OSError if it cannot be read.
     """
     where = os.fspath(path)
     with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError as e:
-        bad = raw.count(b"\n", 0, e.start) + 1
-        raise TraceError(f"{where}:{bad}: not ASCII text") from None
-    # split("\n") rather than splitlines(): the latter also breaks on \v, \f and others, shifting line numbers.
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it does not start another
-
-    def fail(lineno: int, what: str) -> TraceError:
-        return TraceError(f"{where}:{lineno}: {what}")
-
-    def header_number(lineno: int, what: str) -> int:
-        text = lines[lineno - 1].strip()
-        if not text.isdigit():
-            raise fail(lineno, f"bad number: {what} {text!r} is not a non-negative integer")
-        return int(text)
-
-    if len(lines) < 4:
-        raise fail(len(lines) + 1, f"truncated header: {len(lines)} of 4 header lines")
-    num_ids = header_number(2, "number of ids")
-    num_ops = header_number(3, "number of ops")
-
-    ops: list[Op] = []
-    append = ops.append
-    for lineno, line in enumerate(lines[4:], start=5):
-        fields = line.split()
-        if not fields:
+        head = f.read(_SNIFF_BYTES)
+    for lineno, line in enumerate(head.split(b"\n"), start=1):
+        words = line.split()
+        if not words:
             continue
-        code = _OPS.get(fields[0])
-        if code is None:
-            raise fail(lineno, f"unknown op {fields[0]!r} (expected a, r or f)")
-        if len(ops) == num_ops:
-            raise fail(lineno, f"wrong op count: more ops than the {num_ops} the header declares")
-        if code == FREE:
-            if len(fields) != 2:
-                raise fail(lineno, f"expected 'f ID', got {line.strip()!r}")
-            size = 0
-        else:
-            if len(fields) != 3:
-                raise fail(lineno, f"expected '{fields[0]} ID SIZE', got {line.strip()!r}")
-            size_text = fields[2]
-            if not size_text.isdigit():
-                raise fail(lineno, f"bad number: size {size_text!r} is not a non-negative integer")
-            size = int(size_text)
-            if size > _MAX_SIZE:
-                raise fail(lineno, f"bad number: size {size} is too large")
-        id_text = fields[1]
-        if not id_text.removeprefix("-").isdigit():
-            raise fail(lineno, f"bad number: id {id_text!r} is not an integer")
-        ident = int(id_text)
-        if ident == -1:
-            if code != FREE:
-                raise fail(lineno, "id out of range: -1 (free(NULL)) is only valid in 'f'")
-        elif not 0 <= ident < num_ids:
-            raise fail(lineno, f"id out of range: {ident} is not in [0, {num_ids}) (the declared id count)")
-        append((code, ident, size))
-    if len(ops) != num_ops:
-        raise fail(len(lines) + 1, f"wrong op count: {len(ops)} ops, the header declares {num_ops}")
-    name = os.path.basename(where)
-    if name.endswith(".rep"):
-        name = name[:-4]
-    return Trace(name, num_ids, tuple(ops))
+        first = words[0]
+        if first.isdigit():
+            return "rep"
+        if first in (b"=", b"@", b"+", b"-", b"<", b">", b"!"):
+            return "mtrace"
+        raise TraceError(
+            f"{where}:{lineno}: not a trace: a .rep file starts with a number, an mtrace log with '= Start'"
+        )
+    raise TraceError(f"{where}:1: not a trace: the file is empty")
 
 
-def peak_live(trace: Trace) -> int:
-    """The most requested payload bytes live at once over the trace.
+def load(path: str | os.PathLike[str]) -> Trace:
+    """Parse a `.rep` file or an mtrace log, whichever the file holds; TraceError if it is malformed."""
+    return FORMATS[format_of(path)][0](path)
 
-    A block re-allocated under a live id leaks in a replay (the old pointer is lost but never freed), so it
-    stays counted; realloc to 0 frees.
+
+def suffix_format(path: str | os.PathLike[str]) -> str:
+    """The format a file name asks for by its suffix (`.rep` or `.mtrace`); ValueError for any other."""
+    suffix = os.path.splitext(os.fspath(path))[1].removeprefix(".")
+    if suffix not in FORMATS:
+        raise ValueError(f"{os.fspath(path)}: cannot tell the format from the suffix {suffix!r}: use .rep or .mtrace")
+    return suffix
+
+
+def save(trace: Trace, path: str | os.PathLike[str], fmt: str | None = None) -> None:
+    """Write the trace in format `fmt` ("rep" or "mtrace"; by default the one `path`'s suffix names).
+
+    What a conversion cannot carry over is listed in `format_rep` and `format_mtrace`.
     """
-    sizes = [0] * (trace.num_ids + 1)  # slot -1 is free(NULL)'s, always 0
-    live = peak = 0
-    for code, ident, size in trace.ops:
-        if code == ALLOC:
-            live += size
-            sizes[ident] = size
-        elif code == REALLOC:
-            live += size - sizes[ident]
-            sizes[ident] = size
-        else:
-            live -= sizes[ident]
-            sizes[ident] = 0
-        if live > peak:
-            peak = live
-    return peak
+    if fmt is None:
+        fmt = suffix_format(path)
+    elif fmt not in FORMATS:
+        raise ValueError(f"unknown trace format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    FORMATS[fmt][1](trace, path)
