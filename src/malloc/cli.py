@@ -15,6 +15,7 @@ from types import ModuleType
 # name -> (module under malloc.commands, one-line help); the help is here so that --help imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "a short live demonstration of how the allocator gets memory from the OS"),
+    "replay": ("replay", "replay allocation traces through this allocator and baselines, side by side"),
     "maps": ("maps", "a process's address space drawn top-down (or --json), and ASLR across fresh runs (--aslr N)"),
     "heap": ("heap", "this process's heap chunk by chunk: a colour strip, an HTML page (--html) or XML (--xml)"),
 }

@@ -1,0 +1,295 @@
+"""The allocators this project is measured against, replayed inside a worker process.
+
+glibc's malloc is called through ctypes. It shares its heap with the interpreter, so before a replay
+`plug_glibc` fills every free chunk glibc holds and trims its top: glibc then starts as from a fresh heap,
+and its break growth is what the trace needs. Its footprint (break growth plus mapped chunks) is sampled
+after every operation, in a replay that is not timed; its system calls are counted by `strace` attached to
+the worker for the replay only (`SelfTrace`), keeping the calls that come from a ctypes foreign call.
+
+`multiprocessing.heap.Heap` hands out (arena, start, stop) blocks from mmap'd arenas; its footprint is the
+sum of its arenas' sizes. It has no realloc: a replay does malloc, copy and free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .formats import ALLOC, REALLOC, Op, Trace
+from .replay import Json, Window, replay, replay_verified
+
+IS_MMAPPED = 2  # in glibc's chunk size word, 8 bytes before the block
+STRACE_CALLS = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")
+# Paths access()ed around a replay, to find it in strace's log.
+BEGIN_MARK = "/.malloc-replay-begin"
+END_MARK = "/.malloc-replay-end"
+
+
+class MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (all size_t)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+
+
+def glibc() -> ctypes.CDLL:
+    """The C library with the prototypes a replay needs (a CDLL of our own: prototypes are per instance)."""
+    libc = ctypes.CDLL(None)
+    for name, res, args in (
+            ("malloc", ctypes.c_void_p, [ctypes.c_size_t]),
+            ("realloc", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]),
+            ("free", None, [ctypes.c_void_p]),
+            ("sbrk", ctypes.c_void_p, [ctypes.c_ssize_t]),
+            ("malloc_trim", ctypes.c_int, [ctypes.c_size_t]),
+            ("mallopt", ctypes.c_int, [ctypes.c_int, ctypes.c_int]),
+            ("mallinfo2", MallInfo2, [])):
+        fn = getattr(libc, name)
+        fn.restype = res
+        fn.argtypes = args
+    return libc
+
+
+def plug_glibc(libc: ctypes.CDLL) -> int:
+    """Fill glibc's free chunks and trim its top, so that its next request must grow the heap; returns the
+    number of chunks taken (kept for the process's life).
+
+    The tcache lists are emptied first (their chunks count as in use, so nothing else reaches them: up to 7
+    chunks for each of 64 sizes up to 1 KiB), then 32-byte chunks are taken until the break moves, when
+    every bin is empty. Last, the top chunk left after trimming (under a page, its size set by where the
+    break happens to fall) is taken down to its minimum: else those few KiB decide whether a trace's peak
+    needs one more top pad, and glibc's footprint would depend on the worker's environment.
+    """
+    taken = 0
+    for size in range(24, 1033, 16):  # the request size of each tcache chunk size, 32 to 1040 bytes
+        for _ in range(8):  # glibc's default tcache_count is 7
+            libc.malloc(size)
+            taken += 1
+    libc.malloc_trim(0)  # consolidates the fastbins into the bins first, so they get filled too
+    start = libc.sbrk(0)
+    while libc.sbrk(0) == start:
+        libc.malloc(16)
+        taken += 1
+    libc.malloc_trim(0)
+    top = libc.mallinfo2().keepcost
+    if top >= 64:
+        libc.malloc(top - 32 - 8)  # a chunk of top - 32 bytes (8 of them its header), split off the top
+        taken += 1
+    return taken
+
+
+def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL,
+                  series: bool) -> tuple[int, int, list[int] | None]:
+    """Replay through glibc sampling its footprint after every operation: break growth plus the sizes of
+    live mapped chunks (IS_MMAPPED in a chunk's size word).
+
+    Returns (peak footprint, times the break moved between two operations, the footprint after each
+    operation if `series`). The break moving outside a trace's call means something else used glibc.
+    """
+    malloc, free, realloc, sbrk = libc.malloc, libc.free, libc.realloc, libc.sbrk
+    word = ctypes.c_size_t.from_address
+    brk0 = last = sbrk(0)
+    mapped = peak = foreign = 0
+    samples: list[int] | None = [] if series else None
+    for code, i, n in ops:
+        if sbrk(0) != last:
+            foreign += 1
+        p = table[i]
+        if code != ALLOC and p:
+            w = word(p - 8).value
+            if w & IS_MMAPPED:
+                mapped -= w & ~7
+        if code == ALLOC:
+            p = malloc(n)
+        elif code == REALLOC:
+            p = realloc(p, n)
+        else:
+            free(p)
+            p = 0
+        table[i] = p
+        if p:
+            w = word(p - 8).value
+            if w & IS_MMAPPED:
+                mapped += w & ~7
+        last = sbrk(0)
+        now = last - brk0 + mapped
+        if now > peak:
+            peak = now
+        if samples is not None:
+            samples.append(now)
+    return peak, foreign, samples
+
+
+def measure_glibc(trace: Trace, mode: str, settings: Sequence[tuple[int, int]], series: bool = False,
+                  window: Window = contextlib.nullcontext) -> Json:
+    """Replay `trace` through glibc (already plugged by the caller) after `mallopt(param, value)` for each
+    setting. mode "time": the lean loop, timed; "footprint": sampled (every sample kept if `series`);
+    "verify": the verified loop. The loop runs inside `window()`."""
+    libc = glibc()
+    for param, value in settings:
+        if libc.mallopt(param, value) != 1:
+            raise ValueError(f"glibc's mallopt refused parameter {param} = {value}")
+    table: list[Any] = [0] * (trace.num_ids + 1)
+    api = (libc.malloc, libc.free, libc.realloc)
+    result: Json = {}
+    if mode not in ("time", "footprint", "verify"):
+        raise ValueError(f"unknown mode {mode!r} for glibc")
+    brk0 = libc.sbrk(0)
+    with window():
+        t0 = time.perf_counter()
+        if mode == "time":
+            replay(trace.ops, table, *api)
+        elif mode == "footprint":
+            result["footprint"], result["foreign_brk_moves"], samples = glibc_sampled(trace.ops, table, libc, series)
+            if samples is not None:
+                result["series"] = samples
+        else:
+            replay_verified(trace.ops, table, *api)
+        result["seconds"] = time.perf_counter() - t0
+    result["brk_growth"] = libc.sbrk(0) - brk0
+    return result
+
+
+def replay_mpheap(ops: Sequence[Op], table: list[Any], heap: Any) -> None:
+    """The timed loop for multiprocessing.heap.Heap; a block is (arena, start, stop), None is NULL.
+
+    malloc(0) is passed through (Heap rounds max(size, 1) up itself); realloc to 0 frees, as in C.
+    """
+    malloc = heap.malloc
+    free = heap.free
+    for code, i, n in ops:
+        if code == ALLOC:
+            table[i] = malloc(n)
+        elif code == REALLOC:
+            old = table[i]
+            if n == 0:
+                if old is not None:
+                    free(old)
+                table[i] = None
+            else:
+                new = malloc(n)
+                if old is not None:
+                    arena, start, stop = old
+                    k = min(stop - start, n)
+                    dst = new[1]
+                    new[0].buffer[dst:dst + k] = arena.buffer[start:start + k]
+                    free(old)
+                table[i] = new
+        else:
+            old = table[i]
+            if old is not None:
+                free(old)
+                table[i] = None
+
+
+def measure_mpheap(trace: Trace, mode: str, series: bool = False) -> Json:
+    """Replay `trace` through a new multiprocessing.heap.Heap. mode "time": timed; "footprint": the sum of
+    its arenas' sizes after every operation (arenas come and go only inside malloc and free, so the peak
+    is exact)."""
+    from multiprocessing.heap import Heap
+
+    heap = Heap()
+    table: list[Any] = [None] * (trace.num_ids + 1)
+    result: Json = {}
+    t0 = time.perf_counter()
+    if mode == "time":
+        replay_mpheap(trace.ops, table, heap)
+    elif mode == "footprint":
+        arenas = heap._arenas  # type: ignore[attr-defined]  # changed in place as arenas come and go
+        peak = 0
+        samples: list[int] = []
+        for op in trace.ops:
+            replay_mpheap((op,), table, heap)
+            held = sum(a.size for a in arenas)
+            peak = max(peak, held)
+            if series:
+                samples.append(held)
+        result["footprint"] = peak
+        if series:
+            result["series"] = samples
+    else:
+        raise ValueError(f"unknown mode {mode!r} for mpheap")
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+class SelfTrace:
+    """`strace -k` attached to this process from now until `stop()`: the interpreter's start-up stays out of
+    the log, and so does the cost of unwinding its stacks."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log  # the parent's to delete: this process may die with the allocator
+        calls = ",".join((*STRACE_CALLS, "access", "faccessat", "faccessat2"))
+        self.proc = subprocess.Popen(["strace", "-qq", "-k", "-o", self.log, "-e", "trace=" + calls,
+                                      "-p", str(os.getpid())], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self._attached():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError("strace could not attach to the worker")
+            time.sleep(0.001)
+
+    @staticmethod
+    def _attached() -> bool:
+        with open("/proc/self/status") as f:
+            return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in f)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def window() -> Iterator[None]:
+        """Counted calls are those made inside this block (it marks the log at both ends)."""
+        os.access(BEGIN_MARK, os.F_OK)
+        yield
+        os.access(END_MARK, os.F_OK)
+
+    def stop(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Detach; returns (calls made through ctypes, the interpreter's own) between the marks."""
+        self.proc.terminate()  # strace detaches cleanly on SIGTERM and flushes its log
+        self.proc.wait()
+        with open(self.log, errors="replace") as f:
+            return count_strace(f.read())
+
+
+def _from_foreign_call(stack: list[str]) -> bool:
+    """True if the innermost frames lead from a ctypes foreign call (ffi_call) to the system call without
+    passing through the interpreter (ctypes.string_at, for one, calls into libpython to make its bytes)."""
+    for frame in stack:
+        if "ffi_call" in frame:
+            return True
+        if "libpython" in frame or "_ctypes" in frame or "/bin/python" in frame:
+            return False
+    return False
+
+
+def count_strace(log: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(calls made through ctypes, calls made otherwise) between the marks of an `strace -k` log."""
+    through_ctypes: dict[str, int] = {}
+    other: dict[str, int] = {}
+    inside = False
+    name = ""
+    stack: list[str] = []
+
+    def flush() -> None:
+        if inside and name in STRACE_CALLS:
+            into = through_ctypes if _from_foreign_call(stack) else other
+            into[name] = into.get(name, 0) + 1
+
+    for line in log.splitlines():
+        if line.startswith(" > "):
+            stack.append(line)
+            continue
+        flush()
+        stack = []
+        name = line.split("(", 1)[0].strip()
+        if BEGIN_MARK in line:
+            inside = True
+        elif END_MARK in line:
+            inside = False
+    flush()
+    return through_ctypes, other

@@ -1,0 +1,251 @@
+"""The replay lab: each trace replayed through this allocator and its baselines, every run in a fresh process.
+
+`replay_trace` measures one trace under a `Plan` and returns a `TraceResult`. Per allocator it runs, each
+in a new interpreter (`malloc.trace.worker`), so that no run can disturb another:
+
+- `repeats` timed replays, interleaved across allocators so that drift in machine speed hits all alike
+  (ops/s is the best of them). Ours reports its footprint and system calls from these runs: they come
+  from the allocator's own bookkeeping and log, which cost nothing extra.
+- for glibc and mpheap, one untimed replay sampling the footprint after every operation; glibc's system
+  calls are counted there with strace, when it is installed. With `series` (for plots) ours gets such a
+  run too, and every run keeps its samples.
+- with `verify`, a replay of ours (and glibc's, if it is compared) checking every block's contents; under
+  strace, our system-call log is then checked against the kernel's view.
+
+Throughput is only meaningful as a ratio between allocators measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import malloc
+
+from .formats import Trace, peak_live
+from .replay import SYSCALL_KINDS, Json, load_trace
+from .settings import Setting
+
+BASELINES = ("glibc", "mpheap")
+WORKER_TIMEOUT = 600.0  # seconds for one replay; the slowest shared trace takes a few
+# The package's parent directory: workers import this very copy of malloc, installed or not.
+_PACKAGE_ROOT = str(Path(malloc.__file__).resolve().parent.parent)
+
+Progress = Callable[[str], None]  # told what is about to run, once per worker
+
+
+class WorkerError(RuntimeError):
+    """A worker process that died or gave no result."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure for every trace."""
+
+    against: tuple[str, ...] = ()  # baselines, in BASELINES
+    settings: tuple[Setting, ...] = ()  # mallopt settings for ours and glibc
+    repeats: int = 3  # timed replays per allocator; the best counts
+    verify: bool = False
+    series: bool = False  # keep the footprint after every operation (for plots)
+    strace: bool = True  # count glibc's system calls (and cross-check ours under --verify), if strace exists
+
+    @property
+    def allocators(self) -> tuple[str, ...]:
+        return ("ours", *self.against)
+
+    @property
+    def use_strace(self) -> bool:
+        return self.strace and shutil.which("strace") is not None
+
+    def runs_per_trace(self) -> int:
+        """Workers started for each trace (for a progress display)."""
+        sampled = sum(1 for a in self.allocators if a != "ours" or self.series)
+        verified = sum(1 for a in self.allocators if a != "mpheap") if self.verify else 0
+        return self.repeats * len(self.allocators) + sampled + verified
+
+
+@dataclass
+class AllocatorResult:
+    """One allocator's figures on one trace; None where not measured."""
+
+    footprint: int | None = None  # peak bytes held from the OS
+    seconds: list[float] = field(default_factory=list)  # of each timed replay
+    syscalls: dict[str, int] | None = None  # by the kernel's names, zeros left out
+    verified: bool | None = None
+    series: list[int] | None = None  # footprint after each operation
+
+    @property
+    def best_seconds(self) -> float | None:
+        return min(self.seconds) if self.seconds else None
+
+    @property
+    def syscall_total(self) -> int | None:
+        """brk + mmap + munmap + mremap + madvise."""
+        return None if self.syscalls is None else sum(self.syscalls.get(k, 0) for k in SYSCALL_KINDS)
+
+
+@dataclass
+class TraceResult:
+    """Everything measured on one trace."""
+
+    trace: str
+    path: str
+    ops: int
+    peak_live: int
+    skipped_frees: int
+    allocators: dict[str, AllocatorResult] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def utilization(self, alloc: str) -> float | None:
+        """Peak live bytes over peak footprint."""
+        footprint = self.allocators[alloc].footprint
+        return self.peak_live / footprint if footprint else None
+
+    def ops_per_s(self, alloc: str) -> float | None:
+        best = self.allocators[alloc].best_seconds
+        return self.ops / best if best else None
+
+    def to_json(self) -> Json:
+        """The figures as plain data (the samples of a series are left out)."""
+        out: Json = {"trace": self.trace, "path": self.path, "ops": self.ops, "peak_live": self.peak_live,
+                     "skipped_frees": self.skipped_frees, "allocators": {}, "errors": self.errors}
+        for name, r in self.allocators.items():
+            out["allocators"][name] = {
+                "footprint": r.footprint, "utilization": self.utilization(name), "syscalls": r.syscalls,
+                "syscall_total": r.syscall_total, "seconds": r.best_seconds, "all_seconds": r.seconds,
+                "ops_per_s": self.ops_per_s(name), "verified": r.verified}
+        return out
+
+
+def run_worker(alloc: str, mode: str, path: str | os.PathLike[str], settings: Sequence[Setting] = (),
+               strace: bool = False, series: bool = False) -> Json:
+    """One replay in a fresh interpreter; its JSON result (with "error" if the replay failed).
+
+    WorkerError if the worker died without a result. If this call is interrupted (Ctrl-C), the worker is
+    killed by its pid before the exception goes on.
+    """
+    cmd = [sys.executable, "-m", "malloc.trace.worker", alloc, mode, os.fspath(path)]
+    cmd += [f"--set={s}" for s in settings]
+    if series:
+        cmd.append("--series")
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT, env.get("PYTHONPATH"))))
+    with tempfile.TemporaryDirectory(prefix="malloc-replay-") as tmp:
+        if strace:
+            cmd.append("--strace=" + str(Path(tmp) / "strace.log"))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            out, err = proc.communicate(timeout=WORKER_TIMEOUT)
+        except BaseException:  # Ctrl-C or the timeout: the worker must not outlive this call
+            proc.kill()
+            proc.wait()
+            raise
+    lines = out.strip().splitlines()
+    try:
+        result: Json = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        rc = proc.returncode
+        raise WorkerError(f"{alloc} {mode} worker died (exit status {rc}): {err.strip()}") from None
+    return result
+
+
+def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | None = None,
+                 trace: Trace | None = None) -> TraceResult:
+    """Measure the trace at `path` under `plan` (`trace`: the file already loaded, else it is loaded here)."""
+    trace = trace if trace is not None else load_trace(path)
+    result = TraceResult(trace.name, os.fspath(path), trace.num_ops, peak_live(trace),
+                         getattr(trace, "skipped_frees", 0))
+    result.allocators = {a: AllocatorResult() for a in plan.allocators}
+    settings = plan.settings
+
+    def run(alloc: str, mode: str, strace: bool = False) -> Json | None:
+        if progress is not None:
+            progress(f"{trace.name}: {alloc} {mode}")
+        try:
+            r = run_worker(alloc, mode, path, settings if alloc != "mpheap" else (), strace,
+                           plan.series and mode == "footprint")
+        except WorkerError as exc:
+            result.errors.append(str(exc))
+            return None
+        if "error" in r:
+            result.errors.append(f"{alloc} {mode}: {r['error']}\n{r.get('traceback', '')}".rstrip())
+            return None
+        return r
+
+    ours = result.allocators["ours"]
+    for _ in range(plan.repeats):
+        for alloc in plan.allocators:
+            r = run(alloc, "time")
+            if r is None:
+                continue
+            figures = result.allocators[alloc]
+            figures.seconds.append(r["seconds"])
+            if alloc == "ours":
+                if ours.footprint not in (None, r["footprint"]) or ours.syscalls not in (None, r["syscalls"]):
+                    result.errors.append(f"ours: footprint or system calls differ between runs: "
+                                         f"{r['footprint']} {r['syscalls']}")
+                ours.footprint, ours.syscalls = r["footprint"], r["syscalls"]
+    for alloc in plan.allocators:
+        if alloc == "ours" and not plan.series:
+            continue
+        r = run(alloc, "footprint", plan.use_strace and alloc == "glibc")
+        if r is None:
+            continue
+        figures = result.allocators[alloc]
+        figures.series = r.get("series")
+        if alloc == "ours":
+            figures.footprint, figures.syscalls = r["footprint"], r["syscalls"]
+            continue
+        figures.footprint = r["footprint"]
+        if r.get("foreign_brk_moves"):
+            result.errors.append(f"glibc: the break moved {r['foreign_brk_moves']} times outside its calls")
+        if "strace" in r:
+            figures.syscalls = {k: v for k, v in r["strace"].items() if v}
+    if plan.verify:
+        for alloc in plan.allocators:
+            if alloc == "mpheap":
+                continue
+            r = run(alloc, "verify", plan.use_strace and alloc == "ours")
+            result.allocators[alloc].verified = r is not None
+            if r is not None and "strace" in r:
+                # our own log against the kernel's view: a difference is an unlogged (or phantom) call
+                kernel = {k: v for k, v in r["strace"].items() if v}
+                if kernel != r["syscalls"]:
+                    result.errors.append(f"ours: system calls logged {r['syscalls']} but strace saw {kernel}")
+    return result
+
+
+def self_check(directory: str | os.PathLike[str]) -> list[str]:
+    """Problems with the glibc harness, if any: an empty trace and 10,000 free(NULL)s (the whole loop,
+    ctypes call included) must leave glibc's break where it was and its footprint 0. Writes two small
+    traces into `directory`."""
+    problems = []
+    for name, body in (("empty", []), ("free-null", ["f -1"] * 10_000)):
+        path = Path(directory) / f"{name}.rep"
+        path.write_text("\n".join(["0", "0", str(len(body)), "0", *body]) + "\n")
+        for mode in ("footprint", "time"):
+            try:
+                r = run_worker("glibc", mode, path)
+            except WorkerError as exc:
+                problems.append(f"{name} {mode}: {exc}")
+                continue
+            if "error" in r:
+                problems.append(f"{name} {mode}: {r['error']}")
+            elif r.get("footprint", 0) or r["brk_growth"]:
+                problems.append(f"{name} {mode}: footprint {r.get('footprint')}, break moved {r['brk_growth']}")
+    return problems
+
+
+def report_json(results: Sequence[TraceResult], plan: Plan, elapsed: float, interrupted: bool) -> dict[str, Any]:
+    """The JSON document of a lab run: the plan, and every trace's figures."""
+    return {"repeats": plan.repeats, "against": list(plan.against), "settings": [str(s) for s in plan.settings],
+            "strace": plan.use_strace, "elapsed_s": elapsed, "interrupted": interrupted,
+            "traces": [r.to_json() for r in results]}

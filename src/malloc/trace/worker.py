@@ -1,0 +1,81 @@
+"""One replay in this (fresh) process: `python -m malloc.trace.worker ALLOC MODE TRACE [options]`.
+
+ALLOC is ours, glibc or mpheap; MODE is time (the timed loop), footprint (sampled after every operation;
+--series keeps every sample) or verify (mpheap has no verify). The result is one line of JSON on standard output, also
+when the replay fails (then with "error" and "traceback"); the exit status is 1 then. The lab
+(`malloc.trace.lab`) starts these; they are not meant to be run by hand, except to debug one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import gc
+import json
+import sys
+import traceback
+
+from .baselines import SelfTrace, glibc, measure_glibc, measure_mpheap, plug_glibc
+from .replay import Json, Window, load_trace, measure_ours
+from .settings import parse_setting
+
+ALLOCATORS = ("ours", "glibc", "mpheap")
+MODES = ("time", "footprint", "verify")
+
+
+def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str | None, series: bool) -> Json:
+    """Load the trace, prepare the C library's heap, replay, and return the figures."""
+    if alloc not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {alloc!r}")
+    trace = load_trace(path)
+    pairs = [(s.param, s.value) for s in map(parse_setting, settings)]
+    tracer = SelfTrace(strace_log) if strace_log else None  # before the plug: starting strace allocates
+    window: Window = tracer.window if tracer else contextlib.nullcontext
+    result: Json = {"alloc": alloc, "mode": mode}
+    gc.collect()  # first: garbage freed after the plug would leave glibc holes again
+    gc.disable()  # no collector pauses inside the loop, for every allocator
+    libc = glibc()
+    # glibc replays on a heap without free space, so that its break growth counts what the trace needs,
+    # not the holes the interpreter left; the others only need the C library's free top given back.
+    if alloc == "glibc":
+        result["plugged"] = plug_glibc(libc)
+    else:
+        libc.malloc_trim(0)
+    if alloc == "ours":
+        result.update(measure_ours(trace, mode, pairs, window))
+        if not series:
+            result.pop("series", None)
+    elif alloc == "glibc":
+        result.update(measure_glibc(trace, mode, pairs, series, window))
+    else:
+        with window():
+            result.update(measure_mpheap(trace, mode, series))
+    gc.enable()
+    if tracer is not None:
+        result["strace"], result["strace_other"] = tracer.stop()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one replay from the command line; prints its JSON line and returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m malloc.trace.worker", description=__doc__)
+    parser.add_argument("alloc", choices=ALLOCATORS)
+    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("trace")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings")
+    parser.add_argument("--strace", metavar="LOG", help="count system calls with strace, logging to LOG")
+    parser.add_argument("--series", action="store_true", help="keep the footprint after every operation")
+    args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash inside an allocator still leaves a Python traceback on stderr
+    try:
+        result = work(args.alloc, args.mode, args.trace, args.settings, args.strace, args.series)
+    except BaseException as exc:  # anything, allocator bugs included, goes to the parent as data
+        result = {"alloc": args.alloc, "mode": args.mode, "error": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc()}
+    print(json.dumps(result))
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
