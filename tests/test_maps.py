@@ -66,6 +66,16 @@ def test_read_maps_of_this_process_finds_the_usual_parts() -> None:
     assert all(a.end <= stack.start for a in amap.areas if a.kind in ("text", "library", "heap"))
 
 
+def test_the_c_librarys_bss_follows_its_data() -> None:
+    areas = maps.address_map().areas
+    data = [i for i, a in enumerate(areas) if a.name == "libc.so.6" and a.mapping.perms == "rw-p"]
+    if not data:
+        pytest.skip("this process has no libc.so.6 (not glibc)")
+    after = areas[data[-1] + 1]
+    assert after.start == areas[data[-1]].end and after.mapping.anonymous
+    assert after.kind == "library" and after.name.startswith("libc.so.6 (bss)")
+
+
 # ------------------------------------------------------------------------------------ parsing, saved
 
 def test_sample_parses_with_exact_fields() -> None:
@@ -96,7 +106,7 @@ def test_sample_classification() -> None:
         ("rodata", "demo server"), ("text", "demo server"), ("rodata", "demo server"), ("data", "demo server"),
         ("bss", "demo server (bss)"),
         ("heap", "[heap]"),
-        ("anonymous", ""), ("anonymous", "[guard]"),
+        ("anonymous", ""), ("anonymous", "(no access)"),
         ("shm", "memfd:wayland-shm (deleted)"),
         ("file", "scratch file.bin (deleted)"),
         ("library", "libdemo.so.6"), ("library", "libdemo.so.6"), ("library", "libdemo.so.6"),
@@ -237,6 +247,15 @@ def test_the_command_prints_json() -> None:
     kinds = {r["kind"] for r in doc["regions"]}
     assert {"text", "stack", "library"} <= kinds
     assert doc["break"]["exact"] is True
+
+
+def test_the_command_draws_without_colour_when_not_a_terminal() -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run([sys.executable, "-m", "malloc", "maps"], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert "\033[" not in out.stdout
+    assert "program break" in out.stdout and "[stack]" in out.stdout and " text " in out.stdout
 
 
 def test_the_command_names_a_missing_process() -> None:

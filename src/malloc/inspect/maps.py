@@ -1,9 +1,10 @@
 """The address space of a process, from /proc/PID/maps: parsed, classified, drawn and exported as JSON.
 
-    >>> from malloc.inspect import maps
-    >>> amap = maps.address_map()               # this process; maps.address_map(1234) for another
-    >>> print(maps.render_text(amap))           # top-down: the stack at the top, the program text at the bottom
-    >>> maps.to_json(amap)["regions"][0]["kind"]
+    from malloc.inspect import maps
+    amap = maps.address_map(owned=maps.owned_ranges())  # this process, its allocator's ranges marked
+    print(maps.render_text(amap))               # top-down: the stack at the top, the program text at the bottom
+    maps.to_json(amap)                          # the same as a JSON-ready dict
+    maps.address_map(1234)                      # another process (yours, or any as root)
 
 Every line of the maps file is a `Mapping`. `classify` gives each one a kind (see KINDS), `address_map` adds the
 program break (from /proc/PID/stat) and, optionally, the ranges this allocator owns (`owned_ranges`).
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..layout import HEADER
 from ..os import libc
 from ..process import ProcessAllocator
 from ..units import size_approx
@@ -306,7 +308,8 @@ def _kind(m: Mapping, exe: str, executable: set[str]) -> tuple[str, str]:
     if path.startswith("[stack:"):
         return "stack", path
     if path == "":
-        return "anonymous", "[guard]" if m.perms == "---p" else ""
+        # No access: a guard page, or address space reserved and not yet committed.
+        return "anonymous", "(no access)" if m.perms == "---p" else ""
     if path.startswith("[anon"):  # [anon:name] and [anon_shmem:name], named with prctl(PR_SET_VMA_ANON_NAME)
         return "anonymous", path
     name = _base(path)
@@ -344,10 +347,10 @@ def owned_ranges(allocator: ProcessAllocator | None = None) -> list[Owned]:
     for chunk in allocator.walk():
         if chunk.state == "mapped":
             # A mapped chunk runs to the end of its mapping; the mapping may start before it (alignment).
-            block = chunk.address + 16
+            block = chunk.address + HEADER
             end = chunk.address + chunk.size
             out.append(Owned(end - lengths[block], end,
-                             f"malloc mapped chunk: a block of {size_approx(chunk.size - 16)} at {block:#x}"))
+                             f"malloc mapped chunk: a block of {size_approx(chunk.size - HEADER)} at {block:#x}"))
     return sorted(out, key=lambda o: o.start)
 
 
