@@ -19,8 +19,9 @@ DEMO_MAPPED = 300 * 1024  # above the 128 KiB mmap threshold
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--html", metavar="FILE", help="write the heap map as one self-contained HTML page to FILE")
-    parser.add_argument("--xml", action="store_true", help="print malloc_info's XML report instead of the strip")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--html", metavar="FILE", help="write the heap map as one self-contained HTML page to FILE")
+    output.add_argument("--xml", action="store_true", help="print malloc_info's XML report instead of the strip")
     parser.add_argument("--no-color", action="store_true",
                         help="letters instead of colours (also when NO_COLOR is set or the output is no terminal)")
     parser.add_argument("--demo", action="store_true",

@@ -277,7 +277,8 @@ section.segment { background: #fff; padding: 6px 14px 10px; box-shadow: 0 1px 2p
 svg { display: block; width: 100%; height: auto; }
 svg text { font: 11px ui-monospace, Menlo, Consolas, monospace; fill: #777; }
 .chunk { stroke: #fff; stroke-width: 1; cursor: default; }
-.chunk.hover { stroke: #111; stroke-width: 2; }
+.dense .chunk { stroke-width: .5; }
+.chunk.hover, .dense .chunk.hover { stroke: #111; stroke-width: 2; }
 #tip { position: fixed; pointer-events: none; display: none; background: #222; color: #fff; padding: 7px 10px;
        border-radius: 5px; font: 12px/1.5 ui-monospace, Menlo, Consolas, monospace; white-space: pre;
        box-shadow: 0 2px 8px rgba(0,0,0,.3); z-index: 10; }
@@ -416,8 +417,10 @@ def _segment_html(seg: Segment) -> str:
               for row, address in sorted(row_starts.items())]
     width = LABEL_WIDTH + ROW_WIDTH
     height = n_rows * pitch - ROW_GAP
+    density = "dense" if minimum == MIN_WIDTH * SCALE else "sparse"  # dense: thinner gaps between chunks
     return (f'<h2>{html.escape(seg.label)}<span class="range">{seg.start:#x} - {seg.end:#x}</span>'
             f'<span class="facts">{human(seg.size)}, {n} chunk{"s" if n != 1 else ""}</span></h2>\n'
-            f'<section class="segment"><svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+            f'<section class="segment"><svg class="{density}" viewBox="0 0 {width} {height}" '
+            f'width="{width}" height="{height}" '
             f'role="img" aria-label="{html.escape(seg.label)}">\n'
             + "\n".join(labels + paths) + "\n</svg></section>")
