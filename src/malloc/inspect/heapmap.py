@@ -4,9 +4,9 @@ A segment is a run of chunks that follow each other in memory: each heap's range
 its own. In both drawings a chunk's width is proportional to its size, with a minimum so that the smallest
 chunks stay visible, and a segment wraps onto as many rows as it needs, left to right like text.
 
-    >>> segs = segments(heap.walk(), [heap])
-    >>> print(render_terminal(segs, color=False))
-    >>> open("heap.html", "w").write(render_html(segs, title="my heap"))
+    segs = segments(malloc.walk(), malloc.allocator.heaps)    # or segments(heap.walk(), [heap])
+    print(render_terminal(segs, color=False))
+    Path("heap.html").write_text(render_html(segs, title="my heap"))
 """
 
 from __future__ import annotations
