@@ -16,6 +16,8 @@ from types import ModuleType
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "a short live demonstration of how the allocator gets memory from the OS"),
     "replay": ("replay", "replay allocation traces through this allocator and baselines, side by side"),
+    "record": ("record", "record a program's allocations with glibc's mtrace (-o FILE.mtrace -- COMMAND ...)"),
+    "convert": ("convert", "convert a trace between the .rep and mtrace formats"),
     "maps": ("maps", "a process's address space drawn top-down (or --json), and ASLR across fresh runs (--aslr N)"),
     "heap": ("heap", "this process's heap chunk by chunk: a colour strip, an HTML page (--html) or XML (--xml)"),
 }
