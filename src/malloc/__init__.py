@@ -20,6 +20,7 @@ from typing import TextIO
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import Chunk, Heap, size_arg
 from .info import MallInfo, format_stats
+from .inspect.malloc_info import malloc_info
 from .options import M_MMAP_MAX, M_MMAP_THRESHOLD, M_PERTURB, M_TOP_PAD, M_TRIM_THRESHOLD, Options
 from .os.events import Event, Recorder
 from .os.libc import PAGE_SIZE as _PAGE
@@ -31,7 +32,7 @@ __all__ = [
     "BreakRegion", "BufferRegion", "Chunk", "DoubleFree", "Event", "Heap", "HeapCorruption", "HeapError",
     "InvalidPointer", "MallInfo", "MapRegion", "Options", "ProcessAllocator", "Region",
     "aligned_alloc", "allocator", "calloc", "check", "free", "mallinfo", "malloc", "malloc_stats",
-    "malloc_trim", "malloc_usable_size", "mallopt", "memalign", "posix_memalign", "pvalloc",
+    "malloc_info", "malloc_trim", "malloc_usable_size", "mallopt", "memalign", "posix_memalign", "pvalloc",
     "realloc", "reallocarray", "remember_requests", "stats", "trace", "trim", "usable_size", "valloc", "view", "walk",
 ]
 

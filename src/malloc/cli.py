@@ -14,7 +14,7 @@ from types import ModuleType
 
 # name -> (module under malloc.commands, one-line help); the help is here so that --help imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "a short live demonstration of how the allocator gets memory from the OS"),
+    "tour": ("tour", "how malloc gets memory from the OS: a live tour of this process, every claim checked"),
     "replay": ("replay", "replay allocation traces through this allocator and baselines, side by side"),
     "record": ("record", "record a program's allocations with glibc's mtrace (-o FILE.mtrace -- COMMAND ...)"),
     "convert": ("convert", "convert a trace between the .rep and mtrace formats"),

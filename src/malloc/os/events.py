@@ -22,6 +22,38 @@ class Event:
     reason: str
     time: float = field(default_factory=time.perf_counter)
 
+    def text(self) -> str:
+        """The call as strace would show it, flags by name: `mmap(NULL, 1052672, PROT_READ|PROT_WRITE,
+        MAP_PRIVATE|MAP_ANONYMOUS) = 0x7f...`."""
+        from . import libc  # libc records into this module, so it is imported on use, not at load
+
+        a = self.args
+        if self.name == "mmap":
+            prot = _flags(a[2], (("PROT_READ", libc.PROT_READ), ("PROT_WRITE", libc.PROT_WRITE)), "PROT_NONE")
+            flags = _flags(a[3], (("MAP_PRIVATE", libc.MAP_PRIVATE), ("MAP_ANONYMOUS", libc.MAP_ANONYMOUS),
+                                  ("MAP_FIXED", libc.MAP_FIXED), ("MAP_NORESERVE", libc.MAP_NORESERVE),
+                                  ("MAP_FIXED_NOREPLACE", libc.MAP_FIXED_NOREPLACE)), "0")
+            shown = [f"{a[0]:#x}" if a[0] else "NULL", str(a[1]), prot, flags]
+        elif self.name == "mprotect":
+            shown = [f"{a[0]:#x}", str(a[1]),
+                     _flags(a[2], (("PROT_READ", libc.PROT_READ), ("PROT_WRITE", libc.PROT_WRITE)), "PROT_NONE")]
+        elif self.name == "madvise":
+            shown = [f"{a[0]:#x}", str(a[1]), "MADV_DONTNEED" if a[2] == libc.MADV_DONTNEED else str(a[2])]
+        elif self.name in ("sbrk", "brk"):
+            shown = [f"{a[0]:+d}" if self.name == "sbrk" else f"{a[0]:#x}"]
+        else:  # munmap, mremap: an address, then sizes
+            shown = [f"{a[0]:#x}", *(str(x) for x in a[1:])]
+        result = "-1" if self.result == -1 else f"{self.result:#x}" if self.result > 0xFFFF else str(self.result)
+        return f"{self.name}({', '.join(shown)}) = {result}"
+
+
+def _flags(value: int, names: tuple[tuple[str, int], ...], zero: str) -> str:
+    parts = [name for name, bit in names if value & bit]
+    rest = value & ~sum(bit for _, bit in names)
+    if rest:
+        parts.append(f"{rest:#x}")
+    return "|".join(parts) or zero
+
 
 # Calls made by this process since start-up, by name.
 counts: dict[str, int] = dict.fromkeys(CALL_NAMES, 0)

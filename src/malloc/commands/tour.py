@@ -1,0 +1,40 @@
+"""`malloc tour`: how malloc gets memory from the OS, live in this process, every claim checked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--step", action="store_true", help="pause for Enter between sections")
+    parser.add_argument("--json", metavar="FILE", nargs="?", const="-",
+                        help="write the record of every section (events, facts, claims) as JSON to FILE "
+                             "(standard output when FILE is '-' or left out; the narration then goes to stderr)")
+    parser.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
+    parser.add_argument("--aslr-runs", type=int, default=4, metavar="N",
+                        help="fresh processes started to show address-space randomisation (default 4)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import tour
+
+    if args.aslr_runs < 2:
+        raise SystemExit("malloc tour: --aslr-runs must be at least 2 (a layout can only move between runs)")
+    to_stdout = args.json == "-"
+    stream = sys.stderr if to_stdout else sys.stdout
+
+    def out(line: str) -> None:
+        print(line, file=stream, flush=True)
+
+    color = stream.isatty() and not args.no_color
+    result = tour.run(out, step=args.step, color=color, aslr_runs=args.aslr_runs)
+    if args.json is not None:
+        text = json.dumps(result.record(), indent=2)
+        if to_stdout:
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    return 1 if result.failed else 0
