@@ -20,7 +20,7 @@ from ..trace.settings import Setting, SettingError, parse_setting
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's arguments."""
-    parser.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (.rep)")
+    parser.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (.rep or glibc mtrace logs)")
     parser.add_argument("--against", default="", metavar="LIST",
                         help=f"comma-separated baselines to replay side by side: {', '.join(BASELINES)}")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
@@ -81,15 +81,16 @@ def _parse(args: argparse.Namespace) -> tuple[Plan, list[Path]]:
 def run(args: argparse.Namespace) -> int:
     """Replay every trace, printing its table as soon as it is done; the exit status (1 if anything failed)."""
     from ..trace import plot as plotting
+    from ..trace.formats import load
     from ..trace.lab import replay_trace
-    from ..trace.replay import live_bytes, load_trace
+    from ..trace.replay import live_bytes
     from ..trace.table import trace_table
 
     try:
         plan, paths = _parse(args)
         if args.plot is not None:
             plotting.require_matplotlib()
-        traces = [load_trace(p) for p in paths]  # every file is checked before minutes go into the others
+        traces = [load(p) for p in paths]  # every file is checked before minutes go into the others
     except (SettingError, ValueError, OSError, plotting.PlotUnavailable) as exc:
         # a TraceError's message names the file and line already
         print(f"malloc replay: error: {exc}", file=sys.stderr)

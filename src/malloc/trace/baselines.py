@@ -84,19 +84,19 @@ def plug_glibc(libc: ctypes.CDLL) -> int:
 
 
 def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL,
-                  series: bool) -> tuple[int, int, list[int] | None]:
+                  samples: list[int] | None) -> tuple[int, int]:
     """Replay through glibc sampling its footprint after every operation: break growth plus the sizes of
     live mapped chunks (IS_MMAPPED in a chunk's size word).
 
-    Returns (peak footprint, times the break moved between two operations, the footprint after each
-    operation if `series`). The break moving outside a trace's call means something else used glibc.
+    Returns (peak footprint, times the break moved between two operations); the footprint after operation
+    k goes to samples[k] if `samples` is given (made whole by the caller before glibc was plugged). The
+    break moving outside a trace's call means something else used glibc.
     """
     malloc, free, realloc, sbrk = libc.malloc, libc.free, libc.realloc, libc.sbrk
     word = ctypes.c_size_t.from_address
     brk0 = last = sbrk(0)
     mapped = peak = foreign = 0
-    samples: list[int] | None = [] if series else None
-    for code, i, n in ops:
+    for k, (code, i, n) in enumerate(ops):
         if sbrk(0) != last:
             foreign += 1
         p = table[i]
@@ -121,33 +121,36 @@ def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL,
         if now > peak:
             peak = now
         if samples is not None:
-            samples.append(now)
-    return peak, foreign, samples
+            samples[k] = now
+    return peak, foreign
 
 
-def measure_glibc(trace: Trace, mode: str, settings: Sequence[tuple[int, int]], series: bool = False,
+def measure_glibc(libc: ctypes.CDLL, trace: Trace, mode: str, settings: Sequence[tuple[int, int]],
+                  table: list[Any], samples: list[int] | None = None,
                   window: Window = contextlib.nullcontext) -> Json:
-    """Replay `trace` through glibc (already plugged by the caller) after `mallopt(param, value)` for each
-    setting. mode "time": the lean loop, timed; "footprint": sampled (every sample kept if `series`);
-    "verify": the verified loop. The loop runs inside `window()`."""
-    libc = glibc()
+    """Replay `trace` through glibc after `mallopt(param, value)` for each setting. mode "time": the lean
+    loop, timed; "footprint": sampled (into `samples` if given); "verify": the verified loop.
+
+    The caller makes `libc` (from `glibc()`), the replay table (num_ids + 1 zeros) and `samples` first,
+    then plugs glibc: anything glibc allocated after the plug would give the replay a top pad for free.
+    "free_before" reports the free bytes glibc held when the replay began (32 after a good plug). The loop
+    runs inside `window()`.
+    """
     for param, value in settings:
         if libc.mallopt(param, value) != 1:
             raise ValueError(f"glibc's mallopt refused parameter {param} = {value}")
-    table: list[Any] = [0] * (trace.num_ids + 1)
     api = (libc.malloc, libc.free, libc.realloc)
     result: Json = {}
     if mode not in ("time", "footprint", "verify"):
         raise ValueError(f"unknown mode {mode!r} for glibc")
+    result["free_before"] = libc.mallinfo2().fordblks
     brk0 = libc.sbrk(0)
     with window():
         t0 = time.perf_counter()
         if mode == "time":
             replay(trace.ops, table, *api)
         elif mode == "footprint":
-            result["footprint"], result["foreign_brk_moves"], samples = glibc_sampled(trace.ops, table, libc, series)
-            if samples is not None:
-                result["series"] = samples
+            result["footprint"], result["foreign_brk_moves"] = glibc_sampled(trace.ops, table, libc, samples)
         else:
             replay_verified(trace.ops, table, *api)
         result["seconds"] = time.perf_counter() - t0
@@ -187,14 +190,13 @@ def replay_mpheap(ops: Sequence[Op], table: list[Any], heap: Any) -> None:
                 table[i] = None
 
 
-def measure_mpheap(trace: Trace, mode: str, series: bool = False) -> Json:
+def measure_mpheap(trace: Trace, mode: str, table: list[Any], samples: list[int] | None = None) -> Json:
     """Replay `trace` through a new multiprocessing.heap.Heap. mode "time": timed; "footprint": the sum of
-    its arenas' sizes after every operation (arenas come and go only inside malloc and free, so the peak
-    is exact)."""
+    its arenas' sizes after every operation, into `samples` if given (arenas come and go only inside malloc
+    and free, so the peak is exact). `table` is the replay table, num_ids + 1 Nones."""
     from multiprocessing.heap import Heap
 
     heap = Heap()
-    table: list[Any] = [None] * (trace.num_ids + 1)
     result: Json = {}
     t0 = time.perf_counter()
     if mode == "time":
@@ -202,16 +204,13 @@ def measure_mpheap(trace: Trace, mode: str, series: bool = False) -> Json:
     elif mode == "footprint":
         arenas = heap._arenas  # type: ignore[attr-defined]  # changed in place as arenas come and go
         peak = 0
-        samples: list[int] = []
-        for op in trace.ops:
+        for k, op in enumerate(trace.ops):
             replay_mpheap((op,), table, heap)
             held = sum(a.size for a in arenas)
             peak = max(peak, held)
-            if series:
-                samples.append(held)
+            if samples is not None:
+                samples[k] = held
         result["footprint"] = peak
-        if series:
-            result["series"] = samples
     else:
         raise ValueError(f"unknown mode {mode!r} for mpheap")
     result["seconds"] = time.perf_counter() - t0

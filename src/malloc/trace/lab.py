@@ -30,11 +30,12 @@ from typing import Any
 
 import malloc
 
-from .formats import Trace, peak_live
-from .replay import SYSCALL_KINDS, Json, load_trace
+from .formats import Trace, load, peak_live
+from .replay import SYSCALL_KINDS, Json
 from .settings import Setting
 
 BASELINES = ("glibc", "mpheap")
+PLUGGED_FREE = 64  # free bytes glibc may hold when a replay begins: its top, taken down to the minimum
 WORKER_TIMEOUT = 600.0  # seconds for one replay; the slowest shared trace takes a few
 # The package's parent directory: workers import this very copy of malloc, installed or not.
 _PACKAGE_ROOT = str(Path(malloc.__file__).resolve().parent.parent)
@@ -160,9 +161,8 @@ def run_worker(alloc: str, mode: str, path: str | os.PathLike[str], settings: Se
 def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | None = None,
                  trace: Trace | None = None) -> TraceResult:
     """Measure the trace at `path` under `plan` (`trace`: the file already loaded, else it is loaded here)."""
-    trace = trace if trace is not None else load_trace(path)
-    result = TraceResult(trace.name, os.fspath(path), trace.num_ops, peak_live(trace),
-                         getattr(trace, "skipped_frees", 0))
+    trace = trace if trace is not None else load(path)
+    result = TraceResult(trace.name, os.fspath(path), trace.num_ops, peak_live(trace), trace.skipped_frees)
     result.allocators = {a: AllocatorResult() for a in plan.allocators}
     settings = plan.settings
 
@@ -178,6 +178,8 @@ def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | 
         if "error" in r:
             result.errors.append(f"{alloc} {mode}: {r['error']}\n{r.get('traceback', '')}".rstrip())
             return None
+        if r.get("free_before", 0) > PLUGGED_FREE:
+            result.errors.append(f"{alloc} {mode}: glibc held {r['free_before']} free bytes when the replay began")
         return r
 
     ours = result.allocators["ours"]

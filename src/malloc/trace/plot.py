@@ -55,6 +55,12 @@ def plot_trace(result: TraceResult, live: Sequence[int], path: str | os.PathLike
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display is needed or wanted
+    # text stays text in the SVG (searchable, and smaller than glyph outlines)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        _draw(result, live, path)
+
+
+def _draw(result: TraceResult, live: Sequence[int], path: str | os.PathLike[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -70,6 +76,6 @@ def plot_trace(result: TraceResult, live: Sequence[int], path: str | os.PathLike
         ax.legend(loc="best")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(os.fspath(path), format="svg")
+        fig.savefig(os.fspath(path), format="svg", metadata={"Date": None})  # same figures, same file
     finally:
         plt.close(fig)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from . import formats
 from .formats import ALLOC, REALLOC, Op, Trace
 
 Json = dict[str, Any]
@@ -28,11 +26,6 @@ Free = Callable[[Any], None]
 Realloc = Callable[[Any, int], Any]
 # Made around the replay loop alone: a system-call tracer marks its log there.
 Window = Callable[[], AbstractContextManager[object]]
-
-
-def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """The trace in the file at `path`; TraceError (naming the file and line) if it is malformed."""
-    return formats.parse_rep(path)
 
 
 def live_bytes(trace: Trace) -> list[int]:
@@ -66,13 +59,15 @@ def replay(ops: Sequence[Op], table: list[Any], malloc: Malloc, free: Free, real
 
 
 def replay_sampled(ops: Sequence[Op], table: list[Any], malloc: Malloc, free: Free, realloc: Realloc,
-                   held: Callable[[], int]) -> list[int]:
-    """Replay calling `held()` after every operation; returns its values (a footprint per operation)."""
-    samples: list[int] = []
-    for op in ops:
+                   held: Callable[[], int], samples: list[int]) -> None:
+    """Replay storing `held()` after operation k in samples[k] (a footprint per operation).
+
+    `samples` is made whole by the caller before the C library's heap is prepared: a list growing
+    mid-replay would move the break.
+    """
+    for k, op in enumerate(ops):
         replay((op,), table, malloc, free, realloc)
-        samples.append(held())
-    return samples
+        samples[k] = held()
 
 
 def pattern(ident: int) -> int:
@@ -128,14 +123,14 @@ def syscall_kinds(counts: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def measure_ours(trace: Trace, mode: str, settings: Sequence[tuple[int, int]],
-                 window: Window = contextlib.nullcontext) -> Json:
+def measure_ours(trace: Trace, mode: str, settings: Sequence[tuple[int, int]], table: list[Any],
+                 samples: list[int] | None = None, window: Window = contextlib.nullcontext) -> Json:
     """Replay `trace` through this process's allocator after `mallopt(param, value)` for each setting.
 
-    mode "time": the lean loop, timed; "footprint": sampling the bytes held from the OS after every operation
-    (kept as "series"); "verify": the verified loop, then a full heap check. Every mode reports the peak footprint
+    mode "time": the lean loop, timed; "footprint": the bytes held from the OS stored in `samples` after
+    every operation; "verify": the verified loop, then a full heap check. Every mode reports the peak footprint
     (`mallinfo().system_max`) and the system calls made during the replay, from the allocator's own log.
-    The loop runs inside `window()`.
+    `table` is the replay table, num_ids + 1 zeros; the loop runs inside `window()`.
     """
     import malloc
 
@@ -145,7 +140,6 @@ def measure_ours(trace: Trace, mode: str, settings: Sequence[tuple[int, int]],
         malloc.mallopt(param, value)
     allocator = malloc.allocator
     api = (malloc.malloc, malloc.free, malloc.realloc)
-    table: list[Any] = [0] * (trace.num_ids + 1)
     result: Json = {}
     if mode not in ("time", "footprint", "verify"):
         raise ValueError(f"unknown mode {mode!r} for ours")
@@ -155,7 +149,9 @@ def measure_ours(trace: Trace, mode: str, settings: Sequence[tuple[int, int]],
         if mode == "time":
             replay(trace.ops, table, *api)
         elif mode == "footprint":
-            result["series"] = replay_sampled(trace.ops, table, *api, held=lambda: allocator.system_current)
+            if samples is None:
+                raise ValueError("mode 'footprint' needs a list for the samples")
+            replay_sampled(trace.ops, table, *api, lambda: allocator.system_current, samples)
         else:
             replay_verified(trace.ops, table, *api)
         result["seconds"] = time.perf_counter() - t0

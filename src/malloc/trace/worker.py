@@ -15,9 +15,11 @@ import gc
 import json
 import sys
 import traceback
+from typing import Any
 
 from .baselines import SelfTrace, glibc, measure_glibc, measure_mpheap, plug_glibc
-from .replay import Json, Window, load_trace, measure_ours
+from .formats import load
+from .replay import Json, Window, measure_ours
 from .settings import parse_setting
 
 ALLOCATORS = ("ours", "glibc", "mpheap")
@@ -28,14 +30,18 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     """Load the trace, prepare the C library's heap, replay, and return the figures."""
     if alloc not in ALLOCATORS:
         raise ValueError(f"unknown allocator {alloc!r}")
-    trace = load_trace(path)
+    trace = load(path)
     pairs = [(s.param, s.value) for s in map(parse_setting, settings)]
     tracer = SelfTrace(strace_log) if strace_log else None  # before the plug: starting strace allocates
     window: Window = tracer.window if tracer else contextlib.nullcontext
     result: Json = {"alloc": alloc, "mode": mode}
-    gc.collect()  # first: garbage freed after the plug would leave glibc holes again
-    gc.disable()  # no collector pauses inside the loop, for every allocator
+    # Whatever the replay needs is made now, before the C library's heap is prepared: glibc allocating
+    # after the plug would grow its heap by a top pad that the replay then gets for free.
     libc = glibc()
+    table: list[Any] = [None if alloc == "mpheap" else 0] * (trace.num_ids + 1)
+    samples = [0] * trace.num_ops if series or (alloc == "ours" and mode == "footprint") else None
+    gc.collect()  # garbage freed after the plug would leave holes in glibc's heap again
+    gc.disable()  # no collector pauses inside the loop, for every allocator
     # glibc replays on a heap without free space, so that its break growth counts what the trace needs,
     # not the holes the interpreter left; the others only need the C library's free top given back.
     if alloc == "glibc":
@@ -43,15 +49,15 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     else:
         libc.malloc_trim(0)
     if alloc == "ours":
-        result.update(measure_ours(trace, mode, pairs, window))
-        if not series:
-            result.pop("series", None)
+        result.update(measure_ours(trace, mode, pairs, table, samples, window))
     elif alloc == "glibc":
-        result.update(measure_glibc(trace, mode, pairs, series, window))
+        result.update(measure_glibc(libc, trace, mode, pairs, table, samples, window))
     else:
         with window():
-            result.update(measure_mpheap(trace, mode, series))
+            result.update(measure_mpheap(trace, mode, table, samples))
     gc.enable()
+    if series and samples is not None and mode == "footprint":
+        result["series"] = samples
     if tracer is not None:
         result["strace"], result["strace_other"] = tracer.stop()
     return result
