@@ -1,0 +1,203 @@
+"""The replay lab and `malloc replay`: figures checked against hand-computed ones, every run a real replay.
+
+Each command runs the real workers (fresh interpreters replaying through this allocator, glibc and
+multiprocessing.heap); traces are small, so the file stays quick on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from malloc.cli import main
+from malloc.os.libc import PAGE_SIZE
+from malloc.trace.formats import load, peak_live
+from malloc.trace.replay import live_bytes
+from malloc.trace.settings import SettingError, parse_setting
+
+TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
+BIG = 1_000_000  # far above any mmap threshold glibc or ours start with
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+
+
+def write_rep(path: Path, num_ids: int, lines: list[str]) -> Path:
+    path.write_text("\n".join(["0", str(num_ids), str(len(lines)), "0", *lines]) + "\n")
+    return path
+
+
+def mapped_chunk(request: int) -> int:
+    """Bytes of the mapping glibc (and ours, by the same rule) gives one request above the threshold: the
+    chunk (request + 8 header bytes, rounded up to 16) plus the 8-byte size word, rounded up to a page."""
+    chunk = (request + 8 + 15) & ~15
+    return -(-(chunk + 8) // PAGE_SIZE) * PAGE_SIZE
+
+
+def replay(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "malloc", "replay", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_live_bytes_of_a_hand_written_trace(tmp_path: Path) -> None:
+    trace = load(write_rep(tmp_path / "hand.rep", 3, [
+        "a 0 100", "a 1 50", "r 0 300", "f 1", "f -1", "r 2 20", "a 1 0", "r 0 0", "f 2"]))
+    assert live_bytes(trace) == [100, 150, 350, 300, 300, 320, 320, 20, 0]
+    assert peak_live(trace) == 350
+    assert trace.num_ops == 9
+
+
+@needs_strace
+def test_one_mapped_block_figures_and_json(tmp_path: Path) -> None:
+    path = write_rep(tmp_path / "big.rep", 1, [f"a 0 {BIG}", "f -1", "f 0"])
+    out = replay(path, "--against", "glibc,mpheap", "--repeats", "1", "--json", tmp_path / "out.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "big: 3 operations, peak live 1,000,000 bytes" in out.stdout
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert set(data) >= {"repeats", "against", "settings", "strace", "elapsed_s", "interrupted", "traces"}
+    (t,) = data["traces"]
+    assert (t["trace"], t["ops"], t["peak_live"], t["errors"]) == ("big", 3, BIG, [])
+    ours, glibc = t["allocators"]["ours"], t["allocators"]["glibc"]
+    for figures in t["allocators"].values():
+        assert set(figures) == {"footprint", "utilization", "syscalls", "syscall_total", "seconds",
+                                "all_seconds", "ops_per_s", "verified"}
+    # one mapping of its own, unmapped on free; nothing else held from the OS
+    assert ours["syscalls"] == {"mmap": 1, "munmap": 1}
+    assert ours["footprint"] == mapped_chunk(BIG) == 1_003_520
+    assert ours["utilization"] == pytest.approx(BIG / 1_003_520)
+    assert glibc["footprint"] == mapped_chunk(BIG)
+    assert glibc["syscalls"] == {"mmap": 1, "munmap": 1}
+    assert t["allocators"]["mpheap"]["footprint"] >= BIG
+
+
+@needs_strace
+def test_set_raises_the_threshold_so_the_block_comes_from_the_break(tmp_path: Path) -> None:
+    path = write_rep(tmp_path / "big.rep", 1, [f"a 0 {BIG}", "f 0"])
+    out = replay(path, "--against", "glibc", "--repeats", "1", "--json", "--set", "M_MMAP_THRESHOLD=2000000")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (t,) = json.loads(out.stdout)["traces"]
+    for name in ("ours", "glibc"):
+        calls = t["allocators"][name]["syscalls"]
+        assert "mmap" not in calls and calls.get("brk", 0) >= 1, (name, calls)
+        assert t["allocators"][name]["footprint"] >= BIG
+    assert "settings for ours and glibc: M_MMAP_THRESHOLD=2000000" in out.stderr
+
+
+def test_verify_finds_nothing_on_shared_traces() -> None:
+    paths = [TRACES / "rep" / f"{name}.rep" for name in ("short1-bal", "short2-bal", "perl")]
+    out = replay(*paths, "--against", "glibc", "--repeats", "1", "--verify", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    traces = json.loads(out.stdout)["traces"]
+    assert [t["trace"] for t in traces] == ["short1-bal", "short2-bal", "perl"]
+    for t in traces:
+        assert t["errors"] == []
+        assert [a["verified"] for a in t["allocators"].values()] == [True, True]
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("M_BOGUS=1", "unknown name 'M_BOGUS'"),
+    ("M_MMAP_THRESHOLD", "expected NAME=VALUE"),
+    ("M_MMAP_THRESHOLD=lots", "'lots' is not an integer"),
+    ("M_TOP_PAD=-1", "must not be negative"),
+    ("M_MMAP_THRESHOLD=67108864", "may be at most 33554432"),
+    ("M_TRIM_THRESHOLD=4294967296", "does not fit"),
+])
+def test_bad_setting_is_refused_before_anything_runs(setting: str, message: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_rep(tmp_path / "t.rep", 1, ["a 0 10", "f 0"])
+    assert main(["replay", str(path), f"--set={setting}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert message in err and err.startswith("malloc replay: error: setting")
+    with pytest.raises(SettingError, match=re.escape(message)):
+        parse_setting(setting)
+
+
+def test_parse_setting_accepts_glibc_names_and_hex() -> None:
+    s = parse_setting("m_mmap_threshold=0x10000")
+    assert (s.name, s.param, s.value, str(s)) == ("M_MMAP_THRESHOLD", -3, 65536, "M_MMAP_THRESHOLD=65536")
+
+
+def test_malformed_trace_is_refused_with_no_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write_rep(tmp_path / "good.rep", 1, ["a 0 10", "f 0"])
+    bad = write_rep(tmp_path / "bad.rep", 1, ["a 0 10", "x 0 4"])
+    assert main(["replay", str(good), str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"{bad}:6:" in err and "unknown op" in err
+
+
+def test_unknown_baseline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_rep(tmp_path / "t.rep", 1, ["a 0 10", "f 0"])
+    assert main(["replay", str(path), "--against", "glibc,jemalloc"]) == 2
+    assert "unknown baseline 'jemalloc'" in capsys.readouterr().err
+
+
+def test_plot_writes_one_svg_per_trace(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    a = write_rep(tmp_path / "a.rep", 2, ["a 0 5000", "a 1 300000", "f 0", "f 1"])
+    b = TRACES / "rep" / "short1-bal.rep"
+    out = replay(a, b, "--against", "glibc,mpheap", "--repeats", "1", "--plot", tmp_path / "fig.svg")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("a", "short1-bal"):
+        root = ET.parse(tmp_path / f"fig-{name}.svg").getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        text = "".join(root.itertext())
+        assert "live bytes" in text and "ours footprint" in text and "glibc footprint" in text
+    assert not (tmp_path / "fig.svg").exists()
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+    path = write_rep(tmp_path / "t.rep", 1, ["a 0 10", "f 0"])
+    # a matplotlib that cannot be imported, ahead of the real one on the path
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH")))))
+    out = subprocess.run([sys.executable, "-m", "malloc", "replay", str(path), "--plot", str(tmp_path / "x.svg")],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert "malloc[plot]" in out.stderr and out.stdout == ""
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile
+    return pids
+
+
+def test_ctrl_c_prints_the_traces_done_and_leaves_no_worker(tmp_path: Path) -> None:
+    quick = write_rep(tmp_path / "quick.rep", 1, ["a 0 10", "f 0"])
+    slow = write_rep(tmp_path / "slow.rep", 1, ["a 0 64", "f 0"] * 100_000)
+    proc = subprocess.Popen([sys.executable, "-m", "malloc", "replay", str(quick), str(slow), "--repeats", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]  # the first trace's title and table head
+        assert lines[0].startswith("quick: 2 operations"), lines
+        deadline = time.monotonic() + 30
+        while not _processes_mentioning(str(slow)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until a worker is replaying the slow trace
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted: 1 of 2 traces done" in rest
+    assert "slow:" not in rest
+    assert _processes_mentioning(str(slow)) == []
