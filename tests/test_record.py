@@ -149,6 +149,8 @@ def test_the_record_command_prints_a_summary_and_passes_on_the_exit_status(
     assert list((tmp_path / "cache" / "malloc").glob("mtrace-start-*.so"))
     assert main(["record", "-o", str(out), "--", str(tmp_path / "missing")]) == 2
     assert "cannot run" in capsys.readouterr().err
+    assert main(["record", "-o", str(tmp_path / "no" / "x.mtrace"), "--", str(program)]) == 2
+    assert f"cannot write the log there: no directory {tmp_path / 'no'}" in capsys.readouterr().err
 
 
 def test_a_static_program_writes_no_log_and_that_is_said(tools: None, tmp_path: Path) -> None:

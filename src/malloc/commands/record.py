@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         recording = record(command, args.output, shim=args.shim)
-    except (RecordError, TraceError) as e:
+    except (RecordError, TraceError, OSError) as e:
         print(f"malloc record: {e}", file=sys.stderr)
         return 2
     trace = recording.trace

@@ -148,7 +148,8 @@ def _ldconfig_paths(name: str) -> list[str]:
         listing = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.split(" => ", 1)[1].strip() for line in listing.splitlines() if line.strip().startswith(f"{name} ")]
+    entries = (line.strip().partition(" => ") for line in listing.splitlines())
+    return [path for soname, _, path in entries if soname.startswith(f"{name} ") and path]
 
 
 def find_debug_library() -> str | None:
@@ -162,10 +163,12 @@ def find_debug_library() -> str | None:
         raise RecordError("recording needs glibc's mtrace, and this C library is not glibc")
     if version < DEBUG_LIBRARY_SINCE:
         return None
+    libc_directory = _libc_directory()
+    beside_libc = [os.path.join(libc_directory, DEBUG_LIBRARY)] if libc_directory else []
     multiarch = f"{platform.machine()}-linux-gnu"
-    directories = [_libc_directory(), f"/lib/{multiarch}", f"/usr/lib/{multiarch}", "/lib64", "/usr/lib64"]
-    candidates = [os.path.join(d, DEBUG_LIBRARY) for d in directories[:1] if d] + _ldconfig_paths(DEBUG_LIBRARY)
-    candidates += [os.path.join(d, DEBUG_LIBRARY) for d in directories[1:] if d]
+    usual_directories = (f"/lib/{multiarch}", f"/usr/lib/{multiarch}", "/lib64", "/usr/lib64")
+    usual = [os.path.join(d, DEBUG_LIBRARY) for d in usual_directories]
+    candidates = [*beside_libc, *_ldconfig_paths(DEBUG_LIBRARY), *usual]
     for path in candidates:
         if os.path.isfile(path):
             return path
@@ -238,10 +241,14 @@ def record(
     The command's standard streams are this process's. It runs to the end whatever its exit status (see
     `Recording.returncode`). RecordError if tracing cannot be set up (with what to install), if the command
     cannot be started, or if it wrote no log (a statically linked or set-user-ID program ignores
-    LD_PRELOAD); TraceError if the log is malformed (it is still written to `output`, to look at).
+    LD_PRELOAD); OSError if the log cannot be written to `output`; TraceError if the log is malformed (it
+    is still written to `output`, to look at).
     """
     if not command:
         raise RecordError("no command to record")
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise RecordError(f"{output}: cannot write the log there: no directory {directory}")
     debug_library = find_debug_library()
     shim_path = Path(shim) if shim is not None else build_shim(cache_dir)
     if not shim_path.is_file():
