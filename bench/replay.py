@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("self-check: " + ("ok" if not problems else "FAILED\n  " + "\n  ".join(problems)))
         if problems:
             return 1
-    paths: list[Path] = args.traces or sorted(p for pattern in PATTERNS for p in TRACES.glob(pattern))
+    paths: list[Path] = args.traces or [p for pattern in PATTERNS for p in sorted(TRACES.glob(pattern))]
     if not paths:
         ap.error(f"no traces given and none in {TRACES}")
     try:
