@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--against", default="", metavar="LIST",
                         help=f"comma-separated baselines to replay side by side: {', '.join(BASELINES)}")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                        help="write the figures as JSON to FILE (standard output without FILE; the tables "
-                             "then go to standard error)")
+                        help="write the figures as JSON to FILE (standard output without FILE, the tables "
+                             "then going to standard error; before a trace name, write --json=FILE or --json -)")
     parser.add_argument("--plot", metavar="FILE.svg",
                         help="draw live bytes and footprints per operation (one trace: FILE.svg; several: "
                              "FILE-<trace>.svg each); needs the extra 'plot'")
