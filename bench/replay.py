@@ -3,7 +3,7 @@
 
     python bench/replay.py [--self-check] [--verify] [--repeats N] [--json PATH] [TRACE ...]
 
-The measuring is the lab's (`malloc.trace.lab`, also behind `malloc replay`): each replay in a fresh
+The measuring is the lab's (`malloc.traces.lab`, also behind `malloc replay`): each replay in a fresh
 process, glibc started as from a fresh heap, its footprint sampled after every operation and its system
 calls counted with strace. This prints one row per trace and then the targets, each met or not:
 
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))  # runnable from a checkout without installing
 
-from malloc.trace.formats import load  # noqa: E402
-from malloc.trace.lab import Plan, TraceResult, replay_trace, report_json, self_check  # noqa: E402
-from malloc.trace.table import geomean, number, ratio, render  # noqa: E402
+from malloc.traces.formats import load  # noqa: E402
+from malloc.traces.lab import Plan, TraceResult, replay_trace, report_json, self_check  # noqa: E402
+from malloc.traces.table import geomean, number, ratio, render  # noqa: E402
 
 TRACES = ROOT.parent / "shared" / "traces"
 PATTERNS = ("rep/*.rep", "mtrace/*.mtrace")

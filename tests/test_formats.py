@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from malloc.cli import main
-from malloc.trace.formats import (
+from malloc.traces.formats import (
     ALLOC,
     FREE,
     REALLOC,

@@ -13,9 +13,9 @@ import pytest
 
 import malloc
 from malloc.cli import main
-from malloc.trace import record as recorder
-from malloc.trace.formats import ALLOC, FREE, REALLOC, Op, Trace, parse_mtrace
-from malloc.trace.record import RecordError, Recording, build_shim, find_compiler, find_debug_library, record
+from malloc.traces import record as recorder
+from malloc.traces.formats import ALLOC, FREE, REALLOC, Op, Trace, parse_mtrace
+from malloc.traces.record import RecordError, Recording, build_shim, find_compiler, find_debug_library, record
 
 # A known sequence, with sizes no C library start-up asks for.
 PROGRAM = r"""

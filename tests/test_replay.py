@@ -21,9 +21,9 @@ import pytest
 
 from malloc.cli import main
 from malloc.os.libc import PAGE_SIZE
-from malloc.trace.formats import load, peak_live
-from malloc.trace.replay import live_bytes
-from malloc.trace.settings import SettingError, parse_setting
+from malloc.traces.formats import load, peak_live
+from malloc.traces.replay import live_bytes
+from malloc.traces.settings import SettingError, parse_setting
 
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 BIG = 1_000_000  # far above any mmap threshold glibc or ours start with

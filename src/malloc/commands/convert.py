@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert, print one line saying what was written (and what was left out); 1 on a bad input."""
-    from ..trace.formats import TraceError, format_of, load, save, suffix_format
+    from ..traces.formats import TraceError, format_of, load, save, suffix_format
 
     try:
         target = args.to or suffix_format(args.output)

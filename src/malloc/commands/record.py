@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shim",
         metavar="FILE.so",
-        help="a start-up shim built beforehand (from malloc.trace.record.SHIM_SOURCE), when there is no C compiler",
+        help="a start-up shim built beforehand (from malloc.traces.record.SHIM_SOURCE), when there is no C compiler",
     )
     parser.add_argument("program", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the program to run")
 
@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the command traced, write the log and print a summary on standard error (the command's own
     output stays on standard output). The exit status is the command's (128 + N for signal N), or 2 if
     recording failed."""
-    from ..trace.formats import FREE, REALLOC, TraceError, peak_live
-    from ..trace.record import RecordError, record
+    from ..traces.formats import FREE, REALLOC, TraceError, peak_live
+    from ..traces.record import RecordError, record
 
     command: list[str] = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not command:

@@ -1,6 +1,6 @@
 """`malloc replay TRACE...`: replay allocation traces through this allocator (and baselines), one table each.
 
-Every replay runs in a fresh interpreter (see `malloc.trace.lab`). Settings, traces and the plot extra are
+Every replay runs in a fresh interpreter (see `malloc.traces.lab`). Settings, traces and the plot extra are
 checked before anything runs. Ctrl-C stops at once, kills the running worker, and still prints (and writes
 as JSON) the traces already done; the exit status is then 130.
 """
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from ..trace.lab import BASELINES, Plan, TraceResult, report_json
-from ..trace.settings import Setting, SettingError, parse_setting
+from ..traces.lab import BASELINES, Plan, TraceResult, report_json
+from ..traces.settings import Setting, SettingError, parse_setting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,11 +80,11 @@ def _parse(args: argparse.Namespace) -> tuple[Plan, list[Path]]:
 
 def run(args: argparse.Namespace) -> int:
     """Replay every trace, printing its table as soon as it is done; the exit status (1 if anything failed)."""
-    from ..trace import plot as plotting
-    from ..trace.formats import load
-    from ..trace.lab import replay_trace
-    from ..trace.replay import live_bytes
-    from ..trace.table import trace_table
+    from ..traces import plot as plotting
+    from ..traces.formats import load
+    from ..traces.lab import replay_trace
+    from ..traces.replay import live_bytes
+    from ..traces.table import trace_table
 
     try:
         plan, paths = _parse(args)

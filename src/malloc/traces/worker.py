@@ -1,9 +1,9 @@
-"""One replay in this (fresh) process: `python -m malloc.trace.worker ALLOC MODE TRACE [options]`.
+"""One replay in this (fresh) process: `python -m malloc.traces.worker ALLOC MODE TRACE [options]`.
 
 ALLOC is ours, glibc or mpheap; MODE is time (the timed loop), footprint (sampled after every operation;
 --series keeps every sample) or verify (mpheap has no verify). The result is one line of JSON on standard output, also
 when the replay fails (then with "error" and "traceback"); the exit status is 1 then. The lab
-(`malloc.trace.lab`) starts these; they are not meant to be run by hand, except to debug one.
+(`malloc.traces.lab`) starts these; they are not meant to be run by hand, except to debug one.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one replay from the command line; prints its JSON line and returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m malloc.trace.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m malloc.traces.worker", description=__doc__)
     parser.add_argument("alloc", choices=ALLOCATORS)
     parser.add_argument("mode", choices=MODES)
     parser.add_argument("trace")

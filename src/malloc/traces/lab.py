@@ -1,7 +1,7 @@
 """The replay lab: each trace replayed through this allocator and its baselines, every run in a fresh process.
 
 `replay_trace` measures one trace under a `Plan` and returns a `TraceResult`. Per allocator it runs, each
-in a new interpreter (`malloc.trace.worker`), so that no run can disturb another:
+in a new interpreter (`malloc.traces.worker`), so that no run can disturb another:
 
 - `repeats` timed replays, interleaved across allocators so that drift in machine speed hits all alike
   (ops/s is the best of them). Ours reports its footprint and system calls from these runs: they come
@@ -133,7 +133,7 @@ def run_worker(alloc: str, mode: str, path: str | os.PathLike[str], settings: Se
     WorkerError if the worker died without a result. If this call is interrupted (Ctrl-C), the worker is
     killed by its pid before the exception goes on.
     """
-    cmd = [sys.executable, "-m", "malloc.trace.worker", alloc, mode, os.fspath(path)]
+    cmd = [sys.executable, "-m", "malloc.traces.worker", alloc, mode, os.fspath(path)]
     cmd += [f"--set={s}" for s in settings]
     if series:
         cmd.append("--series")

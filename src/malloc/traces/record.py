@@ -91,7 +91,7 @@ __attribute__((constructor)) static void malloc_record_start(void)
 _INSTALL_COMPILER = (
     "install a C compiler and the C library headers (Debian/Ubuntu: apt-get install gcc libc6-dev; "
     "Fedora: dnf install gcc glibc-devel), or build the shim elsewhere (the C source is "
-    "malloc.trace.record.SHIM_SOURCE: cc -shared -fPIC -o mtrace-start.so mtrace-start.c) and pass it with --shim"
+    "malloc.traces.record.SHIM_SOURCE: cc -shared -fPIC -o mtrace-start.so mtrace-start.c) and pass it with --shim"
 )
 
 

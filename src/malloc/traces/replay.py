@@ -1,6 +1,6 @@
 """Replaying a trace through a C-style allocator, and this project's allocator measured doing it.
 
-The loops here run inside a worker process (see `malloc.trace.worker`), one replay per process. A replay
+The loops here run inside a worker process (see `malloc.traces.worker`), one replay per process. A replay
 table holds one pointer per block id plus a spare last slot, which stays NULL and serves `free(NULL)`
 (id -1). `live_bytes` is the one figure that depends on the trace alone, so the parent computes it.
 """
