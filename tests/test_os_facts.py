@@ -639,3 +639,18 @@ def test_defaults_seen_by_a_child() -> None:
         report(t=o.mmap_threshold, pad=o.top_pad, perturb=o.perturb, threads=libc.thread_count())
     """)
     assert facts == {"t": DEFAULT_MMAP_THRESHOLD, "pad": DEFAULT_TOP_PAD, "perturb": 0, "threads": 1}
+
+
+def test_a_block_at_the_top_grows_in_place_past_the_mmap_threshold() -> None:
+    facts = run_child("""
+        p = malloc.malloc(100 << 10)              # the first heap: the block borders the top
+        brk0 = libc.current_break()
+        with malloc.trace() as calls:
+            q = malloc.realloc(p, 600 << 10)      # above the 128 KiB threshold
+        report(p=p, q=q, brk0=brk0, brk1=libc.current_break(), names=[e.name for e in calls],
+               mapped=len(malloc.allocator.mapped_chunks()))
+    """)
+    # Moving it to a mapping would copy it and then cost an mremap per page of further growth: it grows in place.
+    assert facts["q"] == facts["p"]
+    assert facts["names"] == ["sbrk"] and facts["mapped"] == 0
+    assert facts["brk1"] - facts["brk0"] >= 500 << 10

@@ -378,7 +378,9 @@ class ProcessAllocator:
             if n > MAX_REQUEST:
                 raise MemoryError(f"cannot allocate {n} bytes")
             nb = request_size(n)
-            if heap.resize_in_place(c, nb, grow_top=nb < self.options.mmap_threshold):
+            # A block bordering the top grows in place even past the mmap threshold (glibc would move it to a
+            # mapping): moving would copy it, and a growing mapped block costs an mremap per page it gains.
+            if heap.resize_in_place(c, nb, grow_top=True):
                 self._note_system()
                 W = heap._w
                 if W[W[H_TOP] + 1] & SIZE_MASK >= self._trim_trigger:
