@@ -162,7 +162,7 @@ def test_render_text_is_top_down_with_gaps_and_the_break() -> None:
     assert "\033[" not in text
     assert "\033[" in maps.render_text(sample_map(), color=True)
     # The gap between the heap and the text's bss: 0x5581c7e3d000 - 0x5581c6a09000.
-    assert lines[heap + 2].strip() == f"~ {maps.human(0x5581C7E3D000 - 0x5581C6A09000)} unmapped ~"
+    assert lines[heap + 2].strip() == f"~ {maps.size_approx(0x5581C7E3D000 - 0x5581C6A09000)} unmapped ~"
 
 
 def test_to_json_of_the_sample() -> None:

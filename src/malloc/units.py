@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 _UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+_LARGE_UNITS = ((1 << 60, "EiB"), (1 << 50, "PiB"), (1 << 40, "TiB"), *_UNITS)  # address-space gaps need these
 
 
 def size_text(n: int) -> str:
@@ -14,8 +15,8 @@ def size_text(n: int) -> str:
 
 
 def size_approx(n: int) -> str:
-    """`n` bytes rounded for reading ("1.5 MiB", "300 KiB", "200 B")."""
-    for scale, unit in _UNITS:
+    """`n` bytes rounded for reading ("1.5 MiB", "300 KiB", "200 B", "16 EiB")."""
+    for scale, unit in _LARGE_UNITS:
         if n >= scale:
             value = n / scale
             return f"{value:.0f} {unit}" if value >= 100 or value == int(value) else f"{value:.1f} {unit}"

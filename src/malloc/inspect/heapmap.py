@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..heap import Chunk, Heap
 from ..layout import HEADER, N_BINS, SMALL_LIMIT, bin_index
+from ..units import size_approx
 
 
 @dataclass(frozen=True)
@@ -102,18 +103,6 @@ def totals(segs: Iterable[Segment]) -> dict[str, tuple[int, int]]:
     return {state: (counts[state][0], counts[state][1]) for state in STYLES if state in counts}
 
 
-def human(n: int) -> str:
-    """A byte count for people: 48 B, 1.5 KiB, 2.0 MiB."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        value /= 1024
-        if value < 1024 or unit == "GiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
 @functools.cache
 def _bin_ranges() -> tuple[tuple[int, int], ...]:
     """(smallest, largest) chunk size of every bin index; large bins' bounds are multiples of 64."""
@@ -143,7 +132,7 @@ def bin_text(index: int) -> str:
 def details(c: Chunk) -> str:
     """A chunk described for a person, one fact a line."""
     head = c.state + (f", {bin_text(c.bin)}" if c.state == "free" and c.bin >= 0 else "")
-    lines = [head, f"chunk {c.address:#x}, {c.size} bytes ({human(c.size)})"]
+    lines = [head, f"chunk {c.address:#x}, {c.size} bytes ({size_approx(c.size)})"]
     if c.state in ("in use", "cached", "mapped"):
         lines.append(f"block {c.address + HEADER:#x}")
     if c.request >= 0:
@@ -191,8 +180,8 @@ def render_terminal(segs: Sequence[Segment], *, width: int = 80, color: bool = T
         n = len(seg.chunks)
         # Twice as many cells as chunks, at least: room for proportion as well as the one-cell minimum.
         cells = _widths([c.size for c in seg.chunks], strip * max(1, math.ceil(2 * n / strip)), 1)
-        out.append(f"{seg.label}  {seg.start:#x} - {seg.end:#x}  {human(seg.size)} in {n} chunk"
-                   f"{'s' if n != 1 else ''}, a cell is about {human(max(1, seg.size // sum(cells)))}")
+        out.append(f"{seg.label}  {seg.start:#x} - {seg.end:#x}  {size_approx(seg.size)} in {n} chunk"
+                   f"{'s' if n != 1 else ''}, a cell is about {size_approx(max(1, seg.size // sum(cells)))}")
         line: list[str] = []
         used = 0
         line_address = seg.start
@@ -241,7 +230,7 @@ def _legend(present: dict[str, tuple[int, int]], color: bool) -> str:
         style = STYLES[state]
         swatch = f"\x1b[48;5;{style.ansi[0]}m  \x1b[48;5;{style.ansi[1]}m  \x1b[0m" if color else (
             f"{style.letter}{style.letter.lower()}  ")
-        rows.append(f"  {swatch} {state:<7} {count:>6} chunk{'s' if count != 1 else ' '} {human(size):>10}  "
+        rows.append(f"  {swatch} {state:<7} {count:>6} chunk{'s' if count != 1 else ' '} {size_approx(size):>10}  "
                     f"{style.meaning}")
     return "Legend (every chunk is at least one cell wide):\n" + "\n".join(rows)
 
@@ -373,12 +362,12 @@ def _summary(present: dict[str, tuple[int, int]]) -> str:
     for state, (count, size) in present.items():
         style = STYLES[state]
         rows.append(f'<tr><td><span class="swatch" style="background:{style.colour}"></span>{state}</td>'
-                    f'<td class="num">{count}</td><td class="num" title="{size} bytes">{human(size)}</td>'
+                    f'<td class="num">{count}</td><td class="num" title="{size} bytes">{size_approx(size)}</td>'
                     f"<td>{html.escape(style.meaning)}</td></tr>")
     count = sum(c for c, _ in present.values())
     size = sum(s for _, s in present.values())
     rows.append(f'<tr class="total"><td>total</td><td class="num">{count}</td>'
-                f'<td class="num" title="{size} bytes">{human(size)}</td><td></td></tr></table>')
+                f'<td class="num" title="{size} bytes">{size_approx(size)}</td><td></td></tr></table>')
     return "\n".join(rows)
 
 
@@ -419,7 +408,7 @@ def _segment_html(seg: Segment) -> str:
     height = n_rows * pitch - ROW_GAP
     density = "dense" if minimum == MIN_WIDTH * SCALE else "sparse"  # dense: thinner gaps between chunks
     return (f'<h2>{html.escape(seg.label)}<span class="range">{seg.start:#x} - {seg.end:#x}</span>'
-            f'<span class="facts">{human(seg.size)}, {n} chunk{"s" if n != 1 else ""}</span></h2>\n'
+            f'<span class="facts">{size_approx(seg.size)}, {n} chunk{"s" if n != 1 else ""}</span></h2>\n'
             f'<section class="segment"><svg class="{density}" viewBox="0 0 {width} {height}" '
             f'width="{width}" height="{height}" '
             f'role="img" aria-label="{html.escape(seg.label)}">\n'

@@ -261,7 +261,7 @@ def classify(mappings: Sequence[Mapping], exe: str = "") -> list[Area]:
                 kind = "bss" if owner.pathname == exe else "library"
                 name = f"{_base(owner.pathname)} (bss)"
                 if bss_end is not None and m.end > bss_end:
-                    name += f" + {human(m.end - bss_end)} anonymous"
+                    name += f" + {size_approx(m.end - bss_end)} anonymous"
         areas.append(Area(m, kind, name))
     return areas
 
@@ -390,15 +390,6 @@ _RESET = "\033[0m"
 _OWNED_COLOUR = "32"
 
 
-def human(n: int) -> str:
-    """A size for reading, up to exbibytes ("4 KiB", "1.5 MiB", "118 TiB")."""
-    for shift, unit in ((60, "EiB"), (50, "PiB"), (40, "TiB")):
-        if n >= 1 << shift:
-            value = n / (1 << shift)
-            return f"{value:.0f} {unit}" if value >= 100 or value == int(value) else f"{value:.1f} {unit}"
-    return size_approx(n)
-
-
 def render_text(amap: AddressMap, *, color: bool = False) -> str:
     """The map drawn top-down, highest addresses first (the stack near the top, the program text at the
     bottom): one line per mapping with its range, size, permissions, kind and name; one line per unmapped
@@ -421,12 +412,12 @@ def render_text(amap: AddressMap, *, color: bool = False) -> str:
         m = area.mapping
         # The full path once per file, on its first mapping (the others repeat it).
         name = f"{area.name}  ({m.pathname})" if m.offset == 0 and m.pathname.startswith("/") else area.name
-        text = f"{span(m.start, m.end)}  {human(m.size):>9}  {m.perms}  {area.kind:<9}  {name}".rstrip()
+        text = f"{span(m.start, m.end)}  {size_approx(m.size):>9}  {m.perms}  {area.kind:<9}  {name}".rstrip()
         lines.append(paint(_COLOURS.get(area.kind, "0"), text))
         lines.extend(_inside(area, amap, span, paint, width))
         gap = gaps.get(m.start)
         if gap is not None:
-            lines.append(paint("2", f"{'':{width}}~ {human(gap.size)} unmapped ~"))
+            lines.append(paint("2", f"{'':{width}}~ {size_approx(gap.size)} unmapped ~"))
     return "\n".join(lines) + "\n"
 
 
@@ -438,7 +429,7 @@ def _inside(area: Area, amap: AddressMap, span: Callable[[int, int], str], paint
         marks.append((amap.brk, f"  {amap.brk:0{width}x}{'':{width + 1}}  {'':>9}  ◂ program break"))
     for o in area.owned:
         start, end = max(o.start, area.start), min(o.end, area.end)
-        marks.append((end, paint(_OWNED_COLOUR, f"  {span(start, end)}  {human(end - start):>9}  ▸ {o.label}")))
+        marks.append((end, paint(_OWNED_COLOUR, f"  {span(start, end)}  {size_approx(end - start):>9}  ▸ {o.label}")))
     return [text for _, text in sorted(marks, key=lambda t: -t[0])]  # stable: the break first on a tie
 
 
