@@ -66,9 +66,13 @@ def _draw(result: TraceResult, live: Sequence[int], path: str | os.PathLike[str]
     fig, ax = plt.subplots(figsize=(9, 5))
     try:
         ax.step(*_bucket_max(live), where="post", label="live bytes", color="black", linewidth=1.2)
-        for name, figures in result.allocators.items():
-            if figures.series:
-                ax.step(*_bucket_max(figures.series), where="post", label=f"{name} footprint", linewidth=1)
+        # Footprints often coincide to the byte (the policies are glibc's): each gets its own dash and width,
+        # drawn widest first, so that every line stays visible on top of the others.
+        styles = (("-", 3.0), ("--", 1.8), (":", 1.4))
+        drawn = [(name, f) for name, f in result.allocators.items() if f.series]
+        for (name, figures), (dash, width) in zip(drawn, styles, strict=False):
+            ax.step(*_bucket_max(figures.series or []), where="post", label=f"{name} footprint",
+                    linestyle=dash, linewidth=width, alpha=0.85)
         ax.set_xlabel("operation")
         ax.set_ylabel("bytes")
         ax.set_title(f"{result.trace}: {result.ops:,} operations, peak live {result.peak_live:,} bytes")
