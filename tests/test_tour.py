@@ -57,3 +57,10 @@ def test_tour_json_on_standard_output_and_step_mode() -> None:
 def test_tour_rejects_a_bad_option() -> None:
     out = _tour("--aslr-runs", "1")
     assert out.returncode != 0 and "aslr-runs" in out.stderr
+
+
+def test_an_unwritable_record_path_fails_at_once_without_a_traceback(tmp_path: Path) -> None:
+    out = _tour("--json", str(tmp_path / "missing" / "tour.json"))
+    assert out.returncode == 1
+    assert "malloc tour:" in out.stderr and "Traceback" not in out.stderr
+    assert "1. " not in out.stdout  # nothing ran

@@ -40,5 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         module = _module(first)
         module.add_arguments(sub.choices[first])
     args = parser.parse_args(argv)
-    status: int = _module(args.command).run(args)
+    try:
+        status: int = _module(args.command).run(args)
+    except OSError as exc:  # a file that cannot be read or written: say which, without a traceback
+        print(f"malloc {args.command}: {exc}", file=sys.stderr)
+        return 1
     return status

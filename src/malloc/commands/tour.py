@@ -24,17 +24,22 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("malloc tour: --aslr-runs must be at least 2 (a layout can only move between runs)")
     to_stdout = args.json == "-"
     stream = sys.stderr if to_stdout else sys.stdout
+    record_file = open(args.json, "w", encoding="utf-8") if args.json not in (None, "-") else None  # noqa: SIM115
 
     def out(line: str) -> None:
         print(line, file=stream, flush=True)
 
     color = stream.isatty() and not args.no_color
-    result = tour.run(out, step=args.step, color=color, aslr_runs=args.aslr_runs)
-    if args.json is not None:
-        text = json.dumps(result.record(), indent=2)
-        if to_stdout:
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+    # The record's file is opened first, so that a path that cannot be written fails before the tour runs.
+    try:
+        result = tour.run(out, step=args.step, color=color, aslr_runs=args.aslr_runs)
+        if args.json is not None:
+            text = json.dumps(result.record(), indent=2)
+            if record_file is None:
+                print(text)
+            else:
+                record_file.write(text + "\n")
+    finally:
+        if record_file is not None:
+            record_file.close()
     return 1 if result.failed else 0
