@@ -139,6 +139,11 @@ def test_malloc_info_of_the_process_is_the_default() -> None:
         malloc.free(p)
 
 
+def test_malloc_info_refuses_what_is_not_an_allocator() -> None:
+    with pytest.raises(TypeError, match="ProcessAllocator"):
+        malloc_info("heap")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- segments and the terminal strip
 
 

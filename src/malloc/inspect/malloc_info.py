@@ -70,6 +70,8 @@ def malloc_info(allocator: ProcessAllocator | None = None) -> str:
         from .. import allocator as process_allocator
 
         allocator = process_allocator
+    elif not isinstance(allocator, ProcessAllocator):
+        raise TypeError(f"malloc_info() takes a ProcessAllocator, not {type(allocator).__name__}")
     # Each of these takes the allocator's lock in turn: figures agree unless another thread allocates meanwhile.
     chunks = list(allocator.walk())
     heaps = allocator.heaps
