@@ -352,12 +352,6 @@ class ProcessAllocator:
         `realloc(0, n)` is `malloc(n)` and `realloc(p, 0)` frees `p` and returns 0. A block grows in place
         into a free neighbour or the top when it can; a mapped block is moved with mremap.
         """
-        q = self._realloc(p, n)
-        if self._requests is not None and q:
-            self._requests[q] = n
-        return q
-
-    def _realloc(self, p: int, n: int) -> int:
         p = address_arg(p)
         n = size_arg(n)
         if not p:
@@ -370,28 +364,32 @@ class ProcessAllocator:
                     return 0
                 if n > MAX_REQUEST:
                     raise MemoryError(f"cannot allocate {n} bytes")
-                return self._remap(p, mapped, n)
-            heap, c = self._live_chunk(p)
-            if n == 0:
-                self._free(p)
-                return 0
-            if n > MAX_REQUEST:
-                raise MemoryError(f"cannot allocate {n} bytes")
-            nb = request_size(n)
-            # A block bordering the top grows in place even past the mmap threshold (glibc would move it to a
-            # mapping): moving would copy it, and a growing mapped block costs an mremap per page it gains.
-            if heap.resize_in_place(c, nb, grow_top=True):
-                self._note_system()
-                W = heap._w
-                if W[W[H_TOP] + 1] & SIZE_MASK >= self._trim_trigger:
-                    self._trim_heap(heap, "after a realloc shrank a block")
-                return p
-            heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
-            old_usable = (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
-            q = self._allocate(n, nb, False)
-            libc.memmove(q, p, min(old_usable, n))
-            self._free(p)
-            return q
+                q = self._remap(p, mapped, n)
+            else:
+                heap, c = self._live_chunk(p)
+                if n == 0:
+                    self._free(p)
+                    return 0
+                if n > MAX_REQUEST:
+                    raise MemoryError(f"cannot allocate {n} bytes")
+                nb = request_size(n)
+                # A block bordering the top grows in place even past the mmap threshold (glibc would move it
+                # to a mapping): moving would copy it, and a growing mapped block costs an mremap per page.
+                if heap.resize_in_place(c, nb, grow_top=True):
+                    self._note_system()
+                    W = heap._w
+                    if W[W[H_TOP] + 1] & SIZE_MASK >= self._trim_trigger:
+                        self._trim_heap(heap, "after a realloc shrank a block")
+                    q = p
+                else:
+                    heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
+                    old_usable = (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
+                    q = self._allocate(n, nb, False)
+                    libc.memmove(q, p, min(old_usable, n))
+                    self._free(p)
+        if self._requests is not None:  # the one test the optional request log costs a realloc
+            self._requests[q] = n
+        return q
 
     def _remap(self, p: int, mapped: tuple[int, int], n: int) -> int:
         m, length = mapped
