@@ -4,6 +4,7 @@ with the file, the line and the fault, and conversions keep the requests."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,14 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_bytes(text.encode())
     return path
+
+
+def assert_refused(parse: Callable[[Path], Trace], path: Path, line: int, what: str) -> None:
+    """`parse(path)` raises TraceError starting with "PATH:LINE: " and saying `what`."""
+    with pytest.raises(TraceError) as caught:
+        parse(path)
+    assert str(caught.value).startswith(f"{path}:{line}: ")
+    assert what in str(caught.value)
 
 
 def event_of(line: str) -> str:
@@ -171,11 +180,7 @@ def test_peak_live_counts_a_leak_under_a_reused_id_and_realloc_to_zero_frees(tmp
     ],
 )
 def test_a_malformed_rep_names_file_line_and_fault(tmp_path: Path, text: str, line: int, what: str) -> None:
-    path = write(tmp_path, "bad.rep", text)
-    with pytest.raises(TraceError) as caught:
-        parse_rep(path)
-    assert str(caught.value).startswith(f"{path}:{line}: ")
-    assert what in str(caught.value)
+    assert_refused(parse_rep, write(tmp_path, "bad.rep", text), line, what)
 
 
 def test_mtrace_events_become_blocks() -> None:
@@ -227,11 +232,7 @@ def test_an_address_returned_again_while_live_frees_the_block_the_log_missed(tmp
     ],
 )
 def test_a_malformed_mtrace_names_file_line_and_fault(tmp_path: Path, text: str, line: int, what: str) -> None:
-    path = write(tmp_path, "bad.mtrace", text)
-    with pytest.raises(TraceError) as caught:
-        parse_mtrace(path)
-    assert str(caught.value).startswith(f"{path}:{line}: ")
-    assert what in str(caught.value)
+    assert_refused(parse_mtrace, write(tmp_path, "bad.mtrace", text), line, what)
 
 
 def test_load_tells_the_formats_apart_by_content(tmp_path: Path) -> None:
