@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
 from . import M_MMAP_THRESHOLD, allocator, free, malloc, mallopt, trim, view
@@ -25,10 +26,6 @@ from .units import size_approx, size_text
 Json = dict[str, Any]
 
 RULE_OF_THUMB = 32 * 1024  # the mmap threshold as often quoted (a 32 KiB figure, fixed)
-
-
-def _event(e: Event) -> Json:
-    return {"name": e.name, "args": list(e.args), "result": e.result, "reason": e.reason, "time": e.time}
 
 
 class Tour:
@@ -62,7 +59,7 @@ class Tour:
     def calls(self, events: list[Event]) -> None:
         """Print the system calls and keep them in the section's record."""
         for e in events:
-            self._section["events"].append(_event(e))
+            self._section["events"].append(asdict(e))
             self.out(self._paint(f"     {e.text()}", "36"))
             self.out(self._paint(f"       why: {e.reason}", "2"))
         if not events:
@@ -182,7 +179,7 @@ def small_requests(t: Tour) -> None:
         t.say(f"break {before:#x} -> {after:#x} (+{size_approx(after - before)})")
         moved = [e for e in calls if e.name == "sbrk"]
         facts["growth"] = {"served_from_top": served, "break_before": before, "break_after": after,
-                           "events": [_event(e) for e in calls]}
+                           "events": [asdict(e) for e in calls]}
         t.claim(served > 10 and bool(moved) and after - before >= moved[0].args[0],
                 f"{served} blocks came without a system call, then one sbrk moved the break up")
         t.claim(_in_heap_segment(blocks[-1]), "the new block lies in the grown [heap] segment")
@@ -202,7 +199,7 @@ def reuse(t: Tour) -> None:
                 q = malloc(size)
             t.say(f"malloc({size}) -> {p:#x}; free it; malloc({size}) again -> {q:#x}, from {where}")
             t.calls(calls)
-            facts["reuse"].append({"size": size, "address": p, "again": q, "events": [_event(e) for e in calls]})
+            facts["reuse"].append({"size": size, "address": p, "again": q, "events": [asdict(e) for e in calls]})
             t.claim(q == p and not calls, f"the same address came back from {where}, with no system call")
             free(q)
             free(guard)
@@ -279,8 +276,8 @@ def large_requests(t: Tour) -> None:
         t.say("free it:")
         t.calls(calls)
         still = _area(mmaps[0].result) if mmaps else None
-        facts["mapping"] = {"address": big, "mmap": [_event(e) for e in mmaps],
-                            "munmap": [_event(e) for e in calls if e.name == "munmap"]}
+        facts["mapping"] = {"address": big, "mmap": [asdict(e) for e in mmaps],
+                            "munmap": [asdict(e) for e in calls if e.name == "munmap"]}
         t.claim(any(e.name == "munmap" for e in calls) and (still is None or region is None
                                                             or (still.start, still.end) != (region.start, region.end)),
                 "free unmapped it at once: the mapping is gone from /proc/self/maps")
