@@ -28,15 +28,15 @@ class Event:
         from . import libc  # libc records into this module, so it is imported on use, not at load
 
         a = self.args
+        prot_names = (("PROT_READ", libc.PROT_READ), ("PROT_WRITE", libc.PROT_WRITE))
         if self.name == "mmap":
-            prot = _flags(a[2], (("PROT_READ", libc.PROT_READ), ("PROT_WRITE", libc.PROT_WRITE)), "PROT_NONE")
+            prot = _flags(a[2], prot_names, "PROT_NONE")
             flags = _flags(a[3], (("MAP_PRIVATE", libc.MAP_PRIVATE), ("MAP_ANONYMOUS", libc.MAP_ANONYMOUS),
                                   ("MAP_FIXED", libc.MAP_FIXED), ("MAP_NORESERVE", libc.MAP_NORESERVE),
                                   ("MAP_FIXED_NOREPLACE", libc.MAP_FIXED_NOREPLACE)), "0")
             shown = [f"{a[0]:#x}" if a[0] else "NULL", str(a[1]), prot, flags]
         elif self.name == "mprotect":
-            shown = [f"{a[0]:#x}", str(a[1]),
-                     _flags(a[2], (("PROT_READ", libc.PROT_READ), ("PROT_WRITE", libc.PROT_WRITE)), "PROT_NONE")]
+            shown = [f"{a[0]:#x}", str(a[1]), _flags(a[2], prot_names, "PROT_NONE")]
         elif self.name == "madvise":
             shown = [f"{a[0]:#x}", str(a[1]), "MADV_DONTNEED" if a[2] == libc.MADV_DONTNEED else str(a[2])]
         elif self.name in ("sbrk", "brk"):
