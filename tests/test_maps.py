@@ -182,6 +182,18 @@ def test_to_json_of_the_sample() -> None:
 
 # ------------------------------------------------------------------------ the allocator and the break
 
+def test_an_aligned_mapped_chunk_is_owned_from_the_start_of_its_mapping() -> None:
+    p = malloc.memalign(1 << 16, 33 << 20)  # mapped; the block sits up to 64 KiB into its mapping
+    try:
+        start, length = malloc.allocator.mappings()[p]
+        (owned,) = [o for o in maps.owned_ranges() if o.start <= p < o.end]
+        assert (owned.start, owned.end) == (start, start + length) and start < p - 16
+        area = maps.address_map().area_of(start)
+        assert area is not None and area.start <= start and start + length <= area.end
+    finally:
+        malloc.free(p)
+
+
 def test_a_mapped_chunk_is_marked_as_the_allocators() -> None:
     p = malloc.malloc(33 << 20)  # above any threshold earlier tests can have left (the dynamic one stops at 32 MiB)
     try:

@@ -483,6 +483,12 @@ class ProcessAllocator:
         with self._lock:
             return {p: length for p, (_m, length) in self._mapped.items()}
 
+    def mappings(self) -> dict[int, tuple[int, int]]:
+        """Block address -> (mapping address, mapping length) of every mapped chunk; the mapping starts
+        before the chunk's header when the block was aligned beyond 16 bytes."""
+        with self._lock:
+            return dict(self._mapped)
+
     def mallinfo(self) -> MallInfo:
         """glibc's mallinfo2 figures for this allocator, plus system_current and system_max."""
         with self._lock:

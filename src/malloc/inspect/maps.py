@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..layout import HEADER
 from ..os import libc
 from ..process import ProcessAllocator
 from ..units import size_approx
@@ -343,14 +342,10 @@ def owned_ranges(allocator: ProcessAllocator | None = None) -> list[Owned]:
         reserved = getattr(heap.region, "reserved", 0)
         if heap.base + reserved > heap.end:
             out.append(Owned(heap.end, heap.base + reserved, "malloc heap reserve (not yet committed)"))
-    lengths = allocator.mapped_chunks()
-    for chunk in allocator.walk():
-        if chunk.state == "mapped":
-            # A mapped chunk runs to the end of its mapping; the mapping may start before it (alignment).
-            block = chunk.address + HEADER
-            end = chunk.address + chunk.size
-            out.append(Owned(end - lengths[block], end,
-                             f"malloc mapped chunk: a block of {size_approx(chunk.size - HEADER)} at {block:#x}"))
+    for block, (start, length) in allocator.mappings().items():
+        # The block runs to the end of its mapping, which may start before its header (alignment).
+        out.append(Owned(start, start + length,
+                         f"malloc mapped chunk: a block of {size_approx(start + length - block)} at {block:#x}"))
     return sorted(out, key=lambda o: o.start)
 
 
