@@ -31,7 +31,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))  # runnable from a checkout without installing
 
 from malloc.traces.formats import load  # noqa: E402
-from malloc.traces.lab import Plan, TraceResult, replay_trace, report_json, self_check  # noqa: E402
+from malloc.traces.lab import Plan, TraceResult, replay_traces, report_json, self_check  # noqa: E402
 from malloc.traces.table import geomean, number, ratio, render  # noqa: E402
 
 TRACES = ROOT.parent / "shared" / "traces"
@@ -126,14 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         print("note: strace is not installed, so glibc's system calls (and that target) are not measured",
               file=sys.stderr)
     start = time.perf_counter()
-    results: list[TraceResult] = []
-    interrupted = False
-    try:
-        for path, trace in zip(paths, traces, strict=True):
-            results.append(replay_trace(path, plan, trace=trace))
-            print(f"  {trace.name}: done", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
+    results, interrupted = replay_traces(paths, traces, plan,
+                                         done=lambda _, r: print(f"  {r.trace}: done", file=sys.stderr, flush=True))
+    if interrupted:
         print(f"interrupted: {len(results)} of {len(paths)} traces done", file=sys.stderr)
     elapsed = time.perf_counter() - start
     print(summary(results))

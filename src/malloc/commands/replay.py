@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     """Replay every trace, printing its table as soon as it is done; the exit status (1 if anything failed)."""
     from ..traces import plot as plotting
     from ..traces.formats import load
-    from ..traces.lab import replay_trace
+    from ..traces.lab import replay_traces
     from ..traces.replay import live_bytes
     from ..traces.table import trace_table
 
@@ -98,21 +98,18 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout
     plots = plotting.plot_paths(args.plot, [t.name for t in traces]) if args.plot is not None else []
     bar = ProgressBar(plan.runs_per_trace() * len(traces))
-    results: list[TraceResult] = []
-    start = time.perf_counter()
-    interrupted = False
-    try:
-        for i, (path, trace) in enumerate(zip(paths, traces, strict=True)):
-            result = replay_trace(path, plan, bar.step, trace)
-            bar.clear()
-            results.append(result)
-            print(trace_table(result) + "\n", file=out, flush=True)
-            if plots:
-                plotting.plot_trace(result, live_bytes(trace), plots[i])
-                print(f"plot: {plots[i]}\n", file=out, flush=True)
-    except KeyboardInterrupt:
+
+    def done(i: int, result: TraceResult) -> None:
         bar.clear()
-        interrupted = True
+        print(trace_table(result) + "\n", file=out, flush=True)
+        if plots:
+            plotting.plot_trace(result, live_bytes(traces[i]), plots[i])
+            print(f"plot: {plots[i]}\n", file=out, flush=True)
+
+    start = time.perf_counter()
+    results, interrupted = replay_traces(paths, traces, plan, bar.step, done)
+    if interrupted:
+        bar.clear()
         print(f"interrupted: {len(results)} of {len(traces)} traces done", file=out, flush=True)
     elapsed = time.perf_counter() - start
     if not interrupted:

@@ -225,6 +225,22 @@ def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | 
     return result
 
 
+def replay_traces(paths: Sequence[str | os.PathLike[str]], traces: Sequence[Trace], plan: Plan,
+                  progress: Progress | None = None,
+                  done: Callable[[int, TraceResult], None] | None = None) -> tuple[list[TraceResult], bool]:
+    """`replay_trace` for each (path, loaded trace) in turn, calling `done(i, result)` after each; returns the
+    results and whether Ctrl-C stopped the run (the results then hold the traces finished before it)."""
+    results: list[TraceResult] = []
+    try:
+        for i, (path, trace) in enumerate(zip(paths, traces, strict=True)):
+            results.append(replay_trace(path, plan, progress, trace))
+            if done is not None:
+                done(i, results[-1])
+    except KeyboardInterrupt:
+        return results, True
+    return results, False
+
+
 def self_check(directory: str | os.PathLike[str]) -> list[str]:
     """Problems with the glibc harness, if any: an empty trace and 10,000 free(NULL)s (the whole loop,
     ctypes call included) must leave glibc's break where it was and its footprint 0. Writes two small
