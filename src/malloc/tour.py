@@ -109,14 +109,17 @@ def _layout(amap: maps.AddressMap) -> list[tuple[int, int, str]]:
     return rows
 
 
-def _fill_top() -> int:
-    """Use up the main heap's top with one block so that the next request must come from the OS; returns it
-    (0 if the top was already too small). A request the top can serve never reaches the OS, mapped or not."""
+def _past_the_top(n: int) -> tuple[int, list[int], list[Event]]:
+    """malloc(n) with the main heap's top used up first, so that it must come from the OS (a request the top
+    can serve never reaches the OS, mapped or not): (block, blocks to free with it, system calls it made)."""
+    held = []
     heap = allocator.heaps[0]
     spare = heap.top_size - MIN_CHUNK
-    if spare < MIN_CHUNK:
-        return 0
-    return malloc(spare - OVERHEAD)
+    if spare >= MIN_CHUNK:
+        held.append(malloc(spare - OVERHEAD))  # one block takes the whole top but its minimum
+    with Recorder() as calls:
+        p = malloc(n)
+    return p, held, calls
 
 
 def address_space(t: Tour) -> None:
@@ -213,11 +216,8 @@ def threshold_sweep(t: Tour) -> None:
         live: list[int] = []
 
         def path_of(n: int) -> str:
-            filler = _fill_top()
-            if filler:
-                live.append(filler)
-            with Recorder() as calls:
-                live.append(malloc(n))
+            p, held, calls = _past_the_top(n)
+            live.extend([p, *held])
             if any(e.name == "mmap" for e in calls):
                 return "mmap"
             return "heap" if any(e.name == "sbrk" for e in calls) else "top"
@@ -292,26 +292,20 @@ def moving_threshold(t: Tour) -> None:
               "them, so they now stay in the heap.")
         t.claim(now > 4 << 20 and allocator.options.trim_threshold == 2 * now,
                 "freeing the 4 MiB mapped chunk raised the threshold to its size, and the trim threshold to twice that")
-        filler = _fill_top()
-        with Recorder() as calls:
-            p = malloc(2 << 20)
+        p, held, calls = _past_the_top(2 << 20)
         t.say("malloc(2 MiB), mapped at the start of the tour, now:")
         t.calls(calls)
         t.claim(_in_heap_segment(p) and not any(e.name == "mmap" for e in calls),
                 "a 2 MiB request grows the heap instead of getting a mapping")
-        free(p)
-        if filler:
-            free(filler)
+        for b in (p, *held):
+            free(b)
         mallopt(M_MMAP_THRESHOLD, 64 << 10)
-        filler = _fill_top()
-        with Recorder() as calls:
-            q = malloc(100 << 10)
+        q, held, calls = _past_the_top(100 << 10)
         t.say("mallopt(M_MMAP_THRESHOLD, 64 KiB), then malloc(100 KiB):")
         t.calls(calls)
         t.claim(any(e.name == "mmap" for e in calls), "after mallopt sets it, a 100 KiB request gets its own mapping")
-        free(q)
-        if filler:
-            free(filler)
+        for b in (q, *held):
+            free(b)
         facts["thresholds"] = {"start": DEFAULT_MMAP_THRESHOLD, "raised": now, "set": allocator.options.mmap_threshold}
         t.claim(allocator.options.mmap_threshold == 64 << 10 and not allocator.options.dynamic,
                 "freeing that mapped chunk did not move it: setting it with mallopt turned the dynamic rule off")
