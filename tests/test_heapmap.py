@@ -135,6 +135,7 @@ def test_malloc_info_of_the_process_is_the_default() -> None:
     try:
         root = ET.fromstring(malloc_info())
         assert int(root.findall("system[@type='current']")[0].get("size", "")) == malloc.mallinfo().system_current
+        assert malloc.malloc_info() == malloc_info()  # the package-level function reports the same allocator
     finally:
         malloc.free(p)
 

@@ -20,7 +20,6 @@ from typing import TextIO
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import Chunk, Heap, size_arg
 from .info import MallInfo, format_stats
-from .inspect.malloc_info import malloc_info
 from .options import M_MMAP_MAX, M_MMAP_THRESHOLD, M_PERTURB, M_TOP_PAD, M_TRIM_THRESHOLD, Options
 from .os.events import Event, Recorder
 from .os.libc import PAGE_SIZE as _PAGE
@@ -93,6 +92,14 @@ mallinfo = allocator.mallinfo
 check = allocator.check
 walk = allocator.walk
 remember_requests = allocator.remember_requests
+
+
+def malloc_info() -> str:
+    """glibc's malloc_info for this process's allocator: free chunks per bin, totals and system bytes, as XML
+    (see `malloc.inspect.malloc_info`, imported on first use so that `import malloc` stays light)."""
+    from .inspect.malloc_info import malloc_info as report
+
+    return report(allocator)
 
 
 def trace() -> Recorder:
