@@ -21,6 +21,7 @@ import pytest
 
 from malloc.cli import main
 from malloc.os.libc import PAGE_SIZE
+from malloc.traces.baselines import BEGIN_MARK, END_MARK, count_strace, from_foreign_call, from_mmap_module
 from malloc.traces.formats import load, peak_live
 from malloc.traces.replay import live_bytes
 from malloc.traces.settings import SettingError, parse_setting
@@ -75,7 +76,27 @@ def test_one_mapped_block_figures_and_json(tmp_path: Path) -> None:
     assert ours["utilization"] == pytest.approx(BIG / 1_003_520)
     assert glibc["footprint"] == mapped_chunk(BIG)
     assert glibc["syscalls"] == {"mmap": 1, "munmap": 1}
+    # multiprocessing.heap maps one arena for the block and keeps it when the block is freed (it unmaps
+    # only arenas of 4 MiB and more); the arena's unmapping when the heap goes away is not counted
     assert t["allocators"]["mpheap"]["footprint"] >= BIG
+    assert t["allocators"]["mpheap"]["syscalls"] == {"mmap": 1}
+
+
+def test_strace_stacks_are_told_apart_by_origin() -> None:
+    libc = " > /usr/lib/x86_64-linux-gnu/libc.so.6(__mmap+0x13) [0x1019b3]"
+    python = " > /usr/lib/libpython3.11.so.1.0(_PyEval_EvalFrameDefault+0x2e53) [0xfd9c3]"
+    mmap_module = [libc, " > /usr/lib/python3.11/lib-dynload/mmap.cpython-311-x86_64-linux-gnu.so"
+                         "(new_mmap_object+0x222) [0x3232]", python]
+    ctypes_call = [libc, " > /usr/lib/x86_64-linux-gnu/libffi.so.8(ffi_call+0x12e) [0x6f6e]", python]
+    interpreter = [libc, " > /usr/lib/libpython3.11.so.1.0(_PyObject_ArenaMmap+0x2d) [0x1ed]", python]
+    unmapped_arena = [" > /usr/lib/libc.so.6(munmap+0xb) [0x1]", " > /usr/bin/python3.11(mmap_object_dealloc+0x40)"]
+    assert [from_mmap_module(s) for s in (mmap_module, ctypes_call, interpreter, unmapped_arena)] == [
+        True, False, False, True]
+    assert [from_foreign_call(s) for s in (mmap_module, ctypes_call, interpreter)] == [False, True, False]
+    log = "\n".join([f'access("{BEGIN_MARK}", F_OK) = -1', "mmap(NULL, 4096) = 0x7f", *mmap_module,
+                      "mmap(NULL, 8192) = 0x7e", *interpreter, f'access("{END_MARK}", F_OK) = -1',
+                      "mmap(NULL, 4096) = 0x7d", *mmap_module])
+    assert count_strace(log, from_mmap_module) == ({"mmap": 1}, {"mmap": 1})
 
 
 @needs_strace

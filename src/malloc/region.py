@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Final
 
 from .errors import HeapCorruption
 from .layout import ALIGNMENT, page_align_up
@@ -20,7 +21,7 @@ PAGE = libc.PAGE_SIZE
 # The word format of `words`: C's unsigned long, 64 bits on the LP64 Linux targets. Not "Q": CPython
 # converts an int to unsigned long long through a byte-array routine, so storing a header word (its
 # in-use tag sets the top bits) costs more, about 1% of a replay's instructions (callgrind, amptjp).
-WORD_FORMAT = "L"
+WORD_FORMAT: Final = "L"
 if struct.calcsize(WORD_FORMAT) != 8:
     raise ImportError("malloc needs 64-bit unsigned long words (an LP64 platform)")
 # Default address space reserved for a heap over a mapping (glibc's HEAP_MAX_SIZE on 64-bit).

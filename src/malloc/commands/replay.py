@@ -132,8 +132,6 @@ def _footer(plan: Plan, count: int, elapsed: float) -> str:
     if plan.settings:
         applies = "ours and glibc" if "glibc" in plan.against else "ours"
         notes.append(f"settings for {applies}: {' '.join(map(str, plan.settings))}")
-    if "glibc" in plan.against and not plan.use_strace:
-        notes.append("glibc's system calls not counted: strace is not installed")
-    if "mpheap" in plan.against:
-        notes.append("mpheap's system calls are not counted")
+    if plan.against and not plan.use_strace:
+        notes.append(f"{' and '.join(plan.against)}'s system calls not counted: strace is not installed")
     return "(" + "; ".join(notes) + ")"

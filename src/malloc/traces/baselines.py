@@ -7,7 +7,8 @@ after every operation, in a replay that is not timed; its system calls are count
 the worker for the replay only (`SelfTrace`), keeping the calls that come from a ctypes foreign call.
 
 `multiprocessing.heap.Heap` hands out (arena, start, stop) blocks from mmap'd arenas; its footprint is the
-sum of its arenas' sizes. It has no realloc: a replay does malloc, copy and free.
+sum of its arenas' sizes, and its system calls are those Python's mmap module makes for the arenas. It has
+no realloc: a replay does malloc, copy and free.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import ctypes
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .formats import ALLOC, REALLOC, Op, Trace
@@ -28,6 +29,8 @@ STRACE_CALLS = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")
 # Paths access()ed around a replay, to find it in strace's log.
 BEGIN_MARK = "/.malloc-replay-begin"
 END_MARK = "/.malloc-replay-end"
+# Given one call's stack from strace (innermost frame first): did the allocator being measured make it?
+Origin = Callable[[list[str]], bool]
 
 
 class MallInfo2(ctypes.Structure):
@@ -190,30 +193,33 @@ def replay_mpheap(ops: Sequence[Op], table: list[Any], heap: Any) -> None:
                 table[i] = None
 
 
-def measure_mpheap(trace: Trace, mode: str, table: list[Any], samples: list[int] | None = None) -> Json:
+def measure_mpheap(trace: Trace, mode: str, table: list[Any], samples: list[int] | None = None,
+                   window: Window = contextlib.nullcontext) -> Json:
     """Replay `trace` through a new multiprocessing.heap.Heap. mode "time": timed; "footprint": the sum of
     its arenas' sizes after every operation, into `samples` if given (arenas come and go only inside malloc
-    and free, so the peak is exact). `table` is the replay table, num_ids + 1 Nones."""
+    and free, so the peak is exact). `table` is the replay table, num_ids + 1 Nones. The loop runs inside
+    `window()`; the heap outlives it, so unmapping its arenas at the end is not counted."""
     from multiprocessing.heap import Heap
 
     heap = Heap()
     result: Json = {}
-    t0 = time.perf_counter()
-    if mode == "time":
-        replay_mpheap(trace.ops, table, heap)
-    elif mode == "footprint":
-        arenas = heap._arenas  # type: ignore[attr-defined]  # changed in place as arenas come and go
-        peak = 0
-        for k, op in enumerate(trace.ops):
-            replay_mpheap((op,), table, heap)
-            held = sum(a.size for a in arenas)
-            peak = max(peak, held)
-            if samples is not None:
-                samples[k] = held
-        result["footprint"] = peak
-    else:
+    if mode not in ("time", "footprint"):
         raise ValueError(f"unknown mode {mode!r} for mpheap")
-    result["seconds"] = time.perf_counter() - t0
+    with window():
+        t0 = time.perf_counter()
+        if mode == "time":
+            replay_mpheap(trace.ops, table, heap)
+        else:
+            arenas = heap._arenas  # type: ignore[attr-defined]  # changed in place as arenas come and go
+            peak = 0
+            for k, op in enumerate(trace.ops):
+                replay_mpheap((op,), table, heap)
+                held = sum(a.size for a in arenas)
+                peak = max(peak, held)
+                if samples is not None:
+                    samples[k] = held
+            result["footprint"] = peak
+        result["seconds"] = time.perf_counter() - t0
     return result
 
 
@@ -247,15 +253,16 @@ class SelfTrace:
         yield
         os.access(END_MARK, os.F_OK)
 
-    def stop(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Detach; returns (calls made through ctypes, the interpreter's own) between the marks."""
+    def stop(self, origin: Origin | None = None) -> tuple[dict[str, int], dict[str, int]]:
+        """Detach; returns (the calls `origin` claims, all others) between the marks; by default `origin`
+        claims the calls made through ctypes."""
         self.proc.terminate()  # strace detaches cleanly on SIGTERM and flushes its log
         self.proc.wait()
         with open(self.log, errors="replace") as f:
-            return count_strace(f.read())
+            return count_strace(f.read(), origin or from_foreign_call)
 
 
-def _from_foreign_call(stack: list[str]) -> bool:
+def from_foreign_call(stack: list[str]) -> bool:
     """True if the innermost frames lead from a ctypes foreign call (ffi_call) to the system call without
     passing through the interpreter (ctypes.string_at, for one, calls into libpython to make its bytes)."""
     for frame in stack:
@@ -266,9 +273,20 @@ def _from_foreign_call(stack: list[str]) -> bool:
     return False
 
 
-def count_strace(log: str) -> tuple[dict[str, int], dict[str, int]]:
-    """(calls made through ctypes, calls made otherwise) between the marks of an `strace -k` log."""
-    through_ctypes: dict[str, int] = {}
+def from_mmap_module(stack: list[str]) -> bool:
+    """True if the first frame above the C library is a function of Python's mmap module (which maps and
+    unmaps multiprocessing.heap's arenas), whether the module is built in or a shared object."""
+    for frame in stack:
+        if "libc.so" in frame:
+            continue
+        function = frame.partition("(")[2].partition("+")[0]
+        return function == "new_mmap_object" or function.startswith("mmap_")
+    return False
+
+
+def count_strace(log: str, origin: Origin = from_foreign_call) -> tuple[dict[str, int], dict[str, int]]:
+    """(calls `origin` claims, calls made otherwise) between the marks of an `strace -k` log."""
+    claimed: dict[str, int] = {}
     other: dict[str, int] = {}
     inside = False
     name = ""
@@ -276,7 +294,7 @@ def count_strace(log: str) -> tuple[dict[str, int], dict[str, int]]:
 
     def flush() -> None:
         if inside and name in STRACE_CALLS:
-            into = through_ctypes if _from_foreign_call(stack) else other
+            into = claimed if origin(stack) else other
             into[name] = into.get(name, 0) + 1
 
     for line in log.splitlines():
@@ -291,4 +309,4 @@ def count_strace(log: str) -> tuple[dict[str, int], dict[str, int]]:
         elif END_MARK in line:
             inside = False
     flush()
-    return through_ctypes, other
+    return claimed, other

@@ -6,7 +6,7 @@ in a new interpreter (`malloc.traces.worker`), so that no run can disturb anothe
 - `repeats` timed replays, interleaved across allocators so that drift in machine speed hits all alike
   (ops/s is the best of them). Ours reports its footprint and system calls from these runs: they come
   from the allocator's own bookkeeping and log, which cost nothing extra.
-- for glibc and mpheap, one untimed replay sampling the footprint after every operation; glibc's system
+- for glibc and mpheap, one untimed replay sampling the footprint after every operation; their system
   calls are counted there with strace, when it is installed. With `series` (for plots) ours gets such a
   run too, and every run keeps its samples.
 - with `verify`, a replay of ours (and glibc's, if it is compared) checking every block's contents; under
@@ -56,7 +56,7 @@ class Plan:
     repeats: int = 3  # timed replays per allocator; the best counts
     verify: bool = False
     series: bool = False  # keep the footprint after every operation (for plots)
-    strace: bool = True  # count glibc's system calls (and cross-check ours under --verify), if strace exists
+    strace: bool = True  # count the baselines' system calls (and cross-check ours under --verify), if strace exists
 
     @property
     def allocators(self) -> tuple[str, ...]:
@@ -198,7 +198,7 @@ def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | 
     for alloc in plan.allocators:
         if alloc == "ours" and not plan.series:
             continue
-        r = run(alloc, "footprint", plan.use_strace and alloc == "glibc")
+        r = run(alloc, "footprint", plan.use_strace and alloc != "ours")
         if r is None:
             continue
         figures = result.allocators[alloc]

@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import Any
 
-from .baselines import SelfTrace, glibc, measure_glibc, measure_mpheap, plug_glibc
+from .baselines import SelfTrace, from_foreign_call, from_mmap_module, glibc, measure_glibc, measure_mpheap, plug_glibc
 from .formats import load
 from .replay import Json, Window, measure_ours
 from .settings import parse_setting
@@ -53,13 +53,13 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     elif alloc == "glibc":
         result.update(measure_glibc(libc, trace, mode, pairs, table, samples, window))
     else:
-        with window():
-            result.update(measure_mpheap(trace, mode, table, samples))
+        result.update(measure_mpheap(trace, mode, table, samples, window))
     gc.enable()
     if series and samples is not None and mode == "footprint":
         result["series"] = samples
     if tracer is not None:
-        result["strace"], result["strace_other"] = tracer.stop()
+        origin = from_mmap_module if alloc == "mpheap" else from_foreign_call
+        result["strace"], result["strace_other"] = tracer.stop(origin)
     return result
 
 
