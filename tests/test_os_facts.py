@@ -440,18 +440,40 @@ def test_break_blocked_from_the_start_one_mapped_heap_grows() -> None:
             ok = all(bytes(malloc.view(b, 4)) == i.to_bytes(4, "little") for i, b in enumerate(blocks))
             malloc.check()
             kinds = [h.region.kind for h in malloc.allocator.heaps]
+            from malloc.inspect import maps as inspect_maps
+            h = malloc.allocator.heaps[0]
+            owned = [[o.start, o.end, o.label] for o in inspect_maps.owned_ranges()]
+            amap = inspect_maps.address_map(owned=inspect_maps.owned_ranges())
+            committed, reserve = amap.area_of(h.end - 1), amap.area_of(h.end)
+            heap_facts = dict(base=h.base, end=h.end, reserved=h.region.reserved, owned=owned,
+                              committed=[committed.start, committed.end, committed.mapping.perms,
+                                         [o.label for o in committed.owned]],
+                              reserve=[reserve.start, reserve.end, reserve.mapping.perms,
+                                       [o.label for o in reserve.owned]])
             for b in blocks:
                 malloc.free(b)
             malloc.check()
         finally:
             libc.munmap(guard, PAGE, "test cleanup")
-        report(ok=ok, kinds=kinds, brk_after=libc.current_break(), brk=brk, guard=guard, guard_at=guard_at)
+        report(ok=ok, kinds=kinds, brk_after=libc.current_break(), brk=brk, guard=guard, guard_at=guard_at,
+               heap=heap_facts)
     """)
     assert facts["guard"] == facts["guard_at"]
     assert facts["ok"]
     assert facts["brk_after"] == facts["brk"]
     assert facts["kinds"][0] == "mmap"
     assert facts["kinds"] == ["mmap"], f"{len(facts['kinds'])} heaps for 4 MiB: the first is never grown"
+    # The maps view: the heap's committed pages are a read-write mapping, the rest of its reservation a
+    # PROT_NONE one right after it; each is marked as the allocator's, under its own label.
+    h = facts["heap"]
+    base, end, limit = h["base"], h["end"], h["base"] + h["reserved"]
+    assert [base, end, "malloc heap (mmap)"] in h["owned"]
+    assert [end, limit, "malloc heap reserve (not yet committed)"] in h["owned"]
+    start, stop, perms, labels = h["committed"]
+    assert start <= base and stop == end and perms == "rw-p" and labels == ["malloc heap (mmap)"]
+    start, stop, perms, labels = h["reserve"]
+    assert start == end and stop == limit and perms == "---p"
+    assert labels == ["malloc heap reserve (not yet committed)"]
 
 
 # ------------------------------------------------------ 8. a foreign sbrk
