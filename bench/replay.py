@@ -67,7 +67,7 @@ def _mark(ok: bool | None) -> str:
 def summary(results: Sequence[TraceResult]) -> str:
     """One row per trace, a geometric-mean row, and the targets met or not."""
     head = ["trace", "ops", "peak live", "ours util", "glibc util", "mpheap util", "ours sys", "glibc sys",
-            "sys limit", "ours ops/s", "glibc ops/s", "mpheap ops/s", "ours/mpheap", "util ok", "sys ok"]
+            "mpheap sys", "sys limit", "ours ops/s", "glibc ops/s", "mpheap ops/s", "ours/mpheap", "util ok", "sys ok"]
     rows = [head]
     speedups = []
     for r in results:
@@ -76,12 +76,12 @@ def summary(results: Sequence[TraceResult]) -> str:
         speedups.append(speedup)
         rows.append([r.trace, f"{r.ops:,}", f"{r.peak_live:,}",
                      *(number(r.utilization(a), ".3f") for a in ("ours", "glibc", "mpheap")),
-                     number(r.allocators["ours"].syscall_total, ","), number(r.allocators["glibc"].syscall_total, ","),
+                     *(number(r.allocators[a].syscall_total, ",") for a in ("ours", "glibc", "mpheap")),
                      number(t.syscall_limit, ",.0f"),
                      *(number(r.ops_per_s(a), ",.0f") for a in ("ours", "glibc", "mpheap")),
                      number(speedup, ".2f"), _mark(t.utilization), _mark(t.syscalls)])
     mean = geomean(speedups)
-    rows.append(["geometric mean", *[""] * 11, number(mean, ".2f"), "", ""])
+    rows.append(["geometric mean", *[""] * 12, number(mean, ".2f"), "", ""])
     targets = [check_targets(r) for r in results]
     lines = [render(rows), "", "targets:"]
     for label, met in (("utilization at least glibc's", [t.utilization for t in targets]),
