@@ -41,8 +41,8 @@ from .layout import (
     PREV_INUSE,
     SIZE_MASK,
     SMALL_LIMIT,
+    TAG_BITS,
     TAG_MASK,
-    TAG_ONE,
     TAG_SHIFT,
     bin_index,
     request_to_size,
@@ -279,7 +279,7 @@ class Heap:
                 else:
                     W[H_SMALLMAP] &= ~(1 << i)
                 W[c + (nb >> 3) + 1] |= PREV_INUSE
-                W[c + 1] = nb | PREV_INUSE | (c << TAG_SHIFT) & TAG_MASK | TAG_ONE
+                W[c + 1] = nb | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
                 return c
             m = W[H_SMALLMAP] >> (i + 1)
             if m:
@@ -322,7 +322,7 @@ class Heap:
             else:
                 W[c + (sz >> 3) + 1] |= PREV_INUSE
             # A free chunk's predecessor is always in use (free neighbours are coalesced).
-            W[c + 1] = sz | PREV_INUSE | (c << TAG_SHIFT) & TAG_MASK | TAG_ONE
+            W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
             return c
         t = W[H_TOP]
         tsz = W[t + 1] & SIZE_MASK
@@ -336,7 +336,7 @@ class Heap:
         W[H_TOP] = top
         if top + 2 > W[H_CLEAN]:
             W[H_CLEAN] = top + 2
-        W[t + 1] = nb | PREV_INUSE | (t << TAG_SHIFT) & TAG_MASK | TAG_ONE
+        W[t + 1] = nb | PREV_INUSE | ((t | 1) & TAG_BITS) << TAG_SHIFT
         return t
 
     def extend(self, nb: int, reason: str) -> None:
@@ -399,7 +399,7 @@ class Heap:
             return 0
         h = W[c + 1]
         n = c + ((h & SIZE_MASK) >> 3)
-        if (h & TAG_MASK) != (c << TAG_SHIFT) & TAG_MASK | TAG_ONE or h & (IS_MMAPPED | FOREIGN) \
+        if h >> TAG_SHIFT != (c | 1) & TAG_BITS or h & (IS_MMAPPED | FOREIGN) \
                 or n - c < 4 or n > t or not W[n + 1] & PREV_INUSE:
             return 0
         return c
@@ -440,7 +440,7 @@ class Heap:
             if next_free:
                 if check_only or not h & PREV_INUSE:
                     bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
-            elif not nh & FOREIGN and nh & TAG_MASK != (n << TAG_SHIFT) & TAG_MASK | TAG_ONE:
+            elif not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
                 raise HeapCorruption(f"header of the chunk after {self.base + (c << 3):#x} was overwritten",
                                      self.base + (n << 3))
         pc = psz = 0
