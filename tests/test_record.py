@@ -108,6 +108,40 @@ def test_a_forked_child_does_not_write_into_the_log_and_a_started_one_writes_its
     assert recording.other_processes >= 1  # the shell system() ran
 
 
+def test_children_keeps_the_log_of_every_program_the_command_started(program: Path, tmp_path: Path) -> None:
+    recording = record(["/bin/sh", "-c", f"{program}; {program}; true"], tmp_path / "out.mtrace",
+                       cache_dir=tmp_path / "cache", children=True)
+    assert recording.returncode == 0  # the shell's, from `true`
+    assert recording.children and len(recording.children) == recording.other_processes
+    pids = [int(path.name.split(".")[1]) for path in recording.children]
+    assert [path.name for path in recording.children] == [f"out.{pid}.mtrace" for pid in pids]
+    assert pids == sorted(pids) and all(path.parent == tmp_path for path in recording.children)
+    assert not list((tmp_path).glob("[0-9]*.mtrace"))
+    # The program ran twice, in two processes the shell started (or the last one in the shell's own, if it
+    # exec'd it): its known requests are in exactly two of the logs.
+    logs = [recording.trace, *(parse_mtrace(path) for path in recording.children)]
+    found = [log for log in logs if any(op[0] == ALLOC and op[2] == 12345 for op in log.ops)]
+    assert len(found) == 2
+    for log in found:
+        ops = known_sequence(log)
+        assert ops == expected(ops)
+
+
+def test_the_record_command_says_which_child_logs_it_kept(
+    program: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "run.mtrace"
+    assert main(["record", "-o", str(out), "--", "/bin/sh", "-c", f"{program}; true"]) == 0
+    said = capsys.readouterr().err
+    assert "other processes the command started: not kept (--children keeps them)" in said
+    assert not list(tmp_path.glob("run.*.mtrace"))
+    assert main(["record", "-o", str(out), "--children", "--", "/bin/sh", "-c", f"{program}; true"]) == 0
+    said = capsys.readouterr().err
+    kept = sorted(tmp_path.glob("run.*.mtrace"))
+    assert kept and f"recorded into {', '.join(map(str, kept))}" in said
+
+
 def test_a_wrapper_that_execs_is_replaced_by_the_program_it_runs(program: Path, tmp_path: Path) -> None:
     recording = run(["/bin/sh", "-c", f"exec {program}"], tmp_path)
     ops = known_sequence(recording.trace)
@@ -134,6 +168,16 @@ def test_python_is_recorded_and_the_recording_replays(tools: None, tmp_path: Pat
     for p in table:
         malloc.free(p)
     malloc.check()
+
+
+def test_a_program_that_ends_with_exit_underscore_still_logs_its_last_requests(tools: None, tmp_path: Path) -> None:
+    # os._exit skips the flush of stdio buffers, where glibc keeps the log's last events: the shim ends the
+    # trace in _exit, which also writes muntrace's "= End".
+    recording = run([sys.executable, "-c", "import os; b = bytearray(876543); del b; os._exit(5)"], tmp_path)
+    assert recording.returncode == 5
+    assert recording.path.read_text().endswith("= End\n")
+    buffer = next(op for op in recording.trace.ops if op[0] == ALLOC and 876543 <= op[2] < 876543 + 64)
+    assert (FREE, buffer[1], 0) in recording.trace.ops
 
 
 def test_the_record_command_prints_a_summary_and_passes_on_the_exit_status(

@@ -9,12 +9,17 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """-o FILE, --shim, and the command after `--`."""
+    """-o FILE, --shim, --children, and the command after `--`."""
     parser.add_argument("-o", "--output", required=True, metavar="FILE.mtrace", help="where to write the mtrace log")
     parser.add_argument(
         "--shim",
         metavar="FILE.so",
         help="a start-up shim built beforehand (from malloc.traces.record.SHIM_SOURCE), when there is no C compiler",
+    )
+    parser.add_argument(
+        "--children",
+        action="store_true",
+        help="also keep the logs of the other programs the command starts, as FILE.PID.mtrace beside FILE",
     )
     parser.add_argument("program", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the program to run")
 
@@ -31,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         print("malloc record: no command given (malloc record -o FILE.mtrace -- COMMAND [ARGS...])", file=sys.stderr)
         return 2
     try:
-        recording = record(command, args.output, shim=args.shim)
+        recording = record(command, args.output, shim=args.shim, children=args.children)
     except (RecordError, TraceError, OSError) as e:
         print(f"malloc record: {e}", file=sys.stderr)
         return 2
@@ -46,8 +51,12 @@ def run(args: argparse.Namespace) -> int:
     ]
     if trace.skipped_frees:
         lines.append(f"  {trace.skipped_frees} frees of blocks allocated before tracing began: counted, left out")
-    if recording.other_processes:
-        lines.append(f"  {recording.other_processes} other processes the command started: not recorded")
+    if recording.children:
+        names = ", ".join(str(p) for p in recording.children)
+        lines.append(f"  {len(recording.children)} other processes the command started, recorded into {names}")
+    elif recording.other_processes:
+        lines.append(f"  {recording.other_processes} other processes the command started: "
+                     "not kept (--children keeps them)")
     status = recording.returncode
     if status < 0:
         status = 128 - status

@@ -4,18 +4,20 @@ glibc logs every malloc, free and realloc once `mtrace()` has been called inside
 `MALLOC_TRACE` naming the log; since glibc 2.34 the tracing lives in `libc_malloc_debug.so.0`, which must
 be preloaded. Nothing in an ordinary program calls `mtrace()`, so a tiny shared object (the "shim", C source
 below) is preloaded with it: its constructor calls `mtrace()` before `main`, in any dynamically linked
-program, with no change to the program.
+program, with no change to the program, and its `_exit` ends the trace so that a program leaving that way
+(skipping the flush of stdio buffers at exit) keeps the end of its log.
 
 The shim is compiled from the source below with the machine's C compiler, once, into a cache directory.
 Shipping a prebuilt binary would tie the package to one architecture and put machine code in a Python
-package; writing the ELF file by hand would too, and would be far more code than six lines of C. So
+package; writing the ELF file by hand would too, and would be far more code than the shim's C. So
 recording needs a C compiler and the C library's headers (Debian: `apt-get install gcc libc6-dev`), or a
 shim built elsewhere from `SHIM_SOURCE` and given as `shim=`.
 
 Every process of the recorded program writes its own log (`PID.mtrace` in a private directory), so a
 program that starts others does not have them write over its log; the log kept is the one of the process
 started, in its final image if it exec'd (a wrapper such as `env` or `sh -c 'exec ...'` is replaced by the
-program it runs). A child forked without exec stops writing to the log it shares with its parent.
+program it runs), and on request the other processes' logs too, beside it. A child forked without exec
+stops writing to the log it shares with its parent.
 
 Calls that do not go through the program's links to malloc are not logged: glibc's debug library replaces
 malloc only for them, so a `dlsym("malloc")` lookup (ctypes does one) reaches the untraced libc malloc.
@@ -42,7 +44,7 @@ DEBUG_LIBRARY = "libc_malloc_debug.so.0"
 DEBUG_LIBRARY_SINCE = (2, 34)  # glibc before this has mtrace in libc itself and no debug library
 DIR_VARIABLE = "MALLOC_RECORD_DIR"  # where the shim has each process write PID.mtrace
 
-SHIM_SOURCE = r"""/* Built by `malloc record`: starts glibc's mtrace in each process.
+SHIM_SOURCE = r"""/* Built by `malloc record`: starts glibc's mtrace in each process, and ends it in _exit.
    Each process logs to $MALLOC_RECORD_DIR/PID.mtrace. */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -51,9 +53,11 @@ SHIM_SOURCE = r"""/* Built by `malloc record`: starts glibc's mtrace in each pro
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static int trace_fd = -1;
+static pid_t traced_pid;
 
 /* A child forked without exec shares the log's file offset and holds a copy of its unwritten buffer:
    point its descriptor at /dev/null, so that only the parent writes the log. */
@@ -81,10 +85,27 @@ __attribute__((constructor)) static void malloc_record_start(void)
     for (int fd = 0; fd < 1024; fd++) {
         if (fstat(fd, &have) == 0 && have.st_dev == want.st_dev && have.st_ino == want.st_ino) {
             trace_fd = fd;
+            traced_pid = getpid();
             pthread_atfork(NULL, NULL, quiet_child);
             return;
         }
     }
+}
+
+/* A program that ends with _exit (shells, Python's os._exit) skips the flush of stdio buffers, and with it
+   the end of the log: end the trace first. Only in the traced process itself: a child forked or vforked
+   from it has another pid, and shares or copies the tracer's state. */
+void _exit(int status)
+{
+    if (trace_fd >= 0 && getpid() == traced_pid)
+        muntrace();
+    for (;;)
+        syscall(SYS_exit_group, status);
+}
+
+void _Exit(int status)
+{
+    _exit(status);
 }
 """
 
@@ -101,13 +122,14 @@ class RecordError(Exception):
 
 @dataclass(frozen=True)
 class Recording:
-    """A finished recording: the log written, the command's exit status, the log parsed, and how many other
-    processes the command started (their logs are not kept)."""
+    """A finished recording: the log written, the command's exit status, the log parsed, how many other
+    processes the command started, and the logs kept of those (with `children`; in order of process id)."""
 
     path: Path
     returncode: int
     trace: Trace
     other_processes: int
+    children: tuple[Path, ...] = ()
 
     @property
     def blocks(self) -> int:
@@ -235,14 +257,17 @@ def record(
     *,
     shim: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    children: bool = False,
 ) -> Recording:
     """Run `command` with glibc's malloc tracing on, write its mtrace log to `output`, and parse it.
 
-    The command's standard streams are this process's. It runs to the end whatever its exit status (see
-    `Recording.returncode`). RecordError if tracing cannot be set up (with what to install), if the command
-    cannot be started, or if it wrote no log (a statically linked or set-user-ID program ignores
-    LD_PRELOAD); OSError if the log cannot be written to `output`; TraceError if the log is malformed (it
-    is still written to `output`, to look at).
+    With `children`, the log of every other process the command started (and that exec'd a program) is
+    kept too, beside `output` and named after it and the process id: `app.mtrace` gives `app.PID.mtrace`.
+    These are not parsed. The command's standard streams are this process's. It runs to the end whatever
+    its exit status (see `Recording.returncode`). RecordError if tracing cannot be set up (with what to
+    install), if the command cannot be started, or if it wrote no log (a statically linked or set-user-ID
+    program ignores LD_PRELOAD); OSError if the log cannot be written to `output`; TraceError if the log is
+    malformed (it is still written to `output`, to look at).
     """
     if not command:
         raise RecordError("no command to record")
@@ -272,6 +297,12 @@ def record(
                 f"{command[0]} wrote no malloc trace: it must be a dynamically linked program using glibc "
                 "(statically linked and set-user-ID programs ignore LD_PRELOAD)"
             )
-        others = sum(1 for name in os.listdir(logs) if name != log.name)
+        others = sorted((p for p in Path(logs).glob("*.mtrace") if p != log), key=lambda p: int(p.stem))
         shutil.move(log, output)
-    return Recording(Path(output), returncode, parse_mtrace(output), others)
+        kept = []
+        if children:
+            target = Path(output)
+            for child in others:
+                kept.append(target.with_name(f"{target.stem}.{child.stem}{target.suffix or '.mtrace'}"))
+                shutil.move(child, kept[-1])
+    return Recording(Path(output), returncode, parse_mtrace(output), len(others), tuple(kept))
