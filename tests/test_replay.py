@@ -89,6 +89,31 @@ def test_one_mapped_block_figures_and_json(tmp_path: Path) -> None:
     assert t["allocators"]["mpheap"]["syscalls"] == {"mmap": 1}
 
 
+def test_the_plug_leaves_glibc_nothing_free_not_even_in_the_tcache() -> None:
+    """After `plug_glibc`, every request of a tcache size comes from new memory at the top. Taking a chunk
+    from a small bin moves its same-size neighbours into the tcache, where they are invisible to mallinfo:
+    left there, they served the replay's first requests from the interpreter's old holes, and glibc's peak
+    footprint moved with the worker's history (by up to a top pad)."""
+    code = """
+import sys
+from malloc.traces.baselines import glibc, plug_glibc
+libc = glibc()
+blocks, guards = [], []
+for _ in range(20):  # 20 free chunks of each of two sizes, between kept guards
+    for size in (56, 370):
+        blocks.append(libc.malloc(size))
+        guards.append(libc.malloc(24))
+for p in blocks:
+    libc.free(p)
+plug_glibc(libc)
+end = libc.sbrk(0)
+print([size for size in range(24, 1033, 16) if libc.malloc(size) < end - 64])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_strace_stacks_are_told_apart_by_origin() -> None:
     libc = " > /usr/lib/x86_64-linux-gnu/libc.so.6(__mmap+0x13) [0x1019b3]"
     python = " > /usr/lib/libpython3.11.so.1.0(_PyEval_EvalFrameDefault+0x2e53) [0xfd9c3]"

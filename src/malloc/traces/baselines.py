@@ -58,26 +58,38 @@ def glibc() -> ctypes.CDLL:
     return libc
 
 
+def drain_tcache(libc: ctypes.CDLL) -> int:
+    """Take every chunk glibc's tcache holds (up to 7 for each of its 64 sizes, 32 to 1040 bytes), and a
+    few more from the heap; returns the number of chunks taken (kept for the process's life)."""
+    taken = 0
+    for size in range(24, 1033, 16):  # the request size of each tcache chunk size
+        for _ in range(8):  # glibc's default tcache_count is 7
+            libc.malloc(size)
+            taken += 1
+    return taken
+
+
 def plug_glibc(libc: ctypes.CDLL) -> int:
     """Fill glibc's free chunks and trim its top, so that its next request must grow the heap; returns the
     number of chunks taken (kept for the process's life).
 
     The tcache lists are emptied first (their chunks count as in use, so nothing else reaches them: up to 7
     chunks for each of 64 sizes up to 1 KiB), then 32-byte chunks are taken until the break moves, when
-    every bin is empty. Last, the top chunk left after trimming (under a page, its size set by where the
-    break happens to fall) is taken down to its minimum: else those few KiB decide whether a trace's peak
-    needs one more top pad, and glibc's footprint would depend on the worker's environment.
+    every bin is empty, then the tcache is emptied again of what taking from the bins moved into it. Last,
+    the top chunk left after trimming (under a page, its size set by where the break happens to fall) is
+    taken down to its minimum: else those few KiB decide whether a trace's peak needs one more top pad, and
+    glibc's footprint would depend on the worker's environment.
     """
-    taken = 0
-    for size in range(24, 1033, 16):  # the request size of each tcache chunk size, 32 to 1040 bytes
-        for _ in range(8):  # glibc's default tcache_count is 7
-            libc.malloc(size)
-            taken += 1
+    taken = drain_tcache(libc)
     libc.malloc_trim(0)  # consolidates the fastbins into the bins first, so they get filled too
     start = libc.sbrk(0)
     while libc.sbrk(0) == start:
         libc.malloc(16)
         taken += 1
+    # Taking a chunk from a small bin moves its same-size neighbours into the tcache ("stashing"), so
+    # the first drain can leave the tcache fuller than it found it; with the bins empty now, a second
+    # drain takes those and stashes nothing.
+    taken += drain_tcache(libc)
     libc.malloc_trim(0)
     top = libc.mallinfo2().keepcost
     if top >= 64:
