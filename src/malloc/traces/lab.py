@@ -34,6 +34,7 @@ from typing import Any
 import malloc
 
 from .formats import Trace, load, peak_live
+from .opsfile import write_ops
 from .replay import SYSCALL_KINDS, Json
 from .settings import Setting
 
@@ -167,6 +168,14 @@ def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | 
                  trace: Trace | None = None) -> TraceResult:
     """Measure the trace at `path` under `plan` (`trace`: the file already loaded, else it is loaded here)."""
     trace = trace if trace is not None else load(path)
+    with tempfile.TemporaryDirectory(prefix="malloc-replay-") as tmp:
+        ops = Path(tmp) / "trace.ops"
+        write_ops(trace, ops)  # parsed once, here: a worker parsing it would disturb glibc's heap
+        return _measure(trace, path, ops, plan, progress)
+
+
+def _measure(trace: Trace, path: str | os.PathLike[str], ops: Path, plan: Plan,
+             progress: Progress | None) -> TraceResult:
     result = TraceResult(trace.name, os.fspath(path), trace.num_ops, peak_live(trace), trace.skipped_frees)
     result.allocators = {a: AllocatorResult() for a in plan.allocators}
     settings = plan.settings
@@ -175,7 +184,7 @@ def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | 
         if progress is not None:
             progress(f"{trace.name}: {alloc} {mode}")
         try:
-            r = run_worker(alloc, mode, path, settings if alloc != "mpheap" else (), strace, series)
+            r = run_worker(alloc, mode, ops, settings if alloc != "mpheap" else (), strace, series)
         except WorkerError as exc:
             result.errors.append(str(exc))
             return None

@@ -1,9 +1,11 @@
 """One replay in this (fresh) process: `python -m malloc.traces.worker ALLOC MODE TRACE [options]`.
 
-ALLOC is ours, glibc or mpheap; MODE is time (the timed loop), footprint (sampled after every operation;
---series keeps every sample) or verify (mpheap has no verify). The result is one line of JSON on standard output, also
-when the replay fails (then with "error" and "traceback"); the exit status is 1 then. The lab
-(`malloc.traces.lab`) starts these; they are not meant to be run by hand, except to debug one.
+TRACE is a trace file, or the lab's binary form of one (`malloc.traces.opsfile`, which a worker reads
+without disturbing glibc's heap). ALLOC is ours, glibc or mpheap; MODE is time (the timed loop),
+footprint (sampled after every operation; --series keeps every sample) or verify (mpheap has no verify).
+The result is one line of JSON on standard output, also when the replay fails (then with "error" and
+"traceback"); the exit status is 1 then. The lab (`malloc.traces.lab`) starts these; they are not meant to
+be run by hand, except to debug one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from .baselines import SelfTrace, from_foreign_call, from_mmap_module, glibc, measure_glibc, measure_mpheap, plug_glibc
 from .formats import load
+from .opsfile import is_ops_file, read_ops
 from .replay import Json, Window, measure_ours
 from .settings import parse_setting
 
@@ -30,7 +33,7 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     """Load the trace, prepare the C library's heap, replay, and return the figures."""
     if alloc not in ALLOCATORS:
         raise ValueError(f"unknown allocator {alloc!r}")
-    trace = load(path)
+    trace = read_ops(path) if is_ops_file(path) else load(path)
     pairs = [(s.param, s.value) for s in map(parse_setting, settings)]
     tracer = SelfTrace(strace_log) if strace_log else None  # before the plug: starting strace allocates
     window: Window = tracer.window if tracer else contextlib.nullcontext

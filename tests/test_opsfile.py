@@ -1,0 +1,78 @@
+"""The lab's binary form of a trace: it round-trips every shared trace, refuses damaged files, and a worker
+reading it leaves glibc's dynamic mmap threshold where it was (parsing the trace itself raised it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from malloc.traces.formats import load
+from malloc.traces.model import TraceError
+from malloc.traces.opsfile import MAGIC, is_ops_file, read_ops, write_ops
+
+TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
+SHARED = sorted([*TRACES.glob("rep/*.rep"), *TRACES.glob("mtrace/*.mtrace")])
+
+
+@pytest.mark.parametrize("path", SHARED, ids=lambda p: p.name)
+def test_every_shared_trace_round_trips(path: Path, tmp_path: Path) -> None:
+    trace = load(path)
+    write_ops(trace, tmp_path / "t.ops")
+    assert is_ops_file(tmp_path / "t.ops") and not is_ops_file(path)
+    assert read_ops(tmp_path / "t.ops") == trace
+
+
+def test_damaged_files_are_refused(tmp_path: Path) -> None:
+    write_ops(load(TRACES / "rep" / "short1-bal.rep"), tmp_path / "t.ops")
+    whole = (tmp_path / "t.ops").read_bytes()
+    for name, data, message in (("cut.ops", whole[:-8], "ends early"), ("head.ops", whole[:20], "ends early"),
+                                ("other.ops", b"MALLOPS0" + whole[8:], "not an ops file"),
+                                ("negative.ops", MAGIC + (-1).to_bytes(8, sys.byteorder, signed=True) + whole[16:],
+                                 "negative count")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TraceError, match=message):
+            read_ops(tmp_path / name)
+
+
+PROBE = """
+import ctypes, json, sys
+from malloc.traces.baselines import glibc
+from malloc.traces.formats import load
+from malloc.traces.opsfile import read_ops
+libc = glibc()
+
+def threshold():
+    # the smallest request glibc maps, by bisection; every probe is kept, since freeing a mapped one
+    # would raise the threshold it measures
+    lo, hi = 100_000, 40_000_000
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        p = libc.malloc(mid)
+        lo, hi = (lo, mid) if ctypes.c_size_t.from_address(p - 8).value & 2 else (mid, hi)
+    return hi
+
+before = threshold()
+trace = read_ops(sys.argv[1]) if sys.argv[2] == "ops" else load(sys.argv[1])
+print(json.dumps([before, threshold()]))
+"""
+
+
+def test_reading_the_binary_form_leaves_glibcs_threshold_where_parsing_moves_it(tmp_path: Path) -> None:
+    path = TRACES / "mtrace" / "python-json.mtrace"
+    write_ops(load(path), tmp_path / "t.ops")
+
+    def thresholds(source: Path, how: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", PROBE, str(source), how], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        result: list[int] = json.loads(out.stdout)
+        return result
+
+    before, after = thresholds(tmp_path / "t.ops", "ops")
+    assert after == before
+    before, after = thresholds(path, "parse")
+    assert after > before  # what the lab's workers no longer do
