@@ -1,13 +1,11 @@
 #!/usr/bin/env python3
 """The replay benchmark: every shared trace through ours, glibc and multiprocessing.heap, against issue 4's targets.
 
-    python bench/replay.py [--self-check] [--verify] [--repeats N] [--footprints N] [--json PATH] [TRACE ...]
+    python bench/replay.py [--self-check] [--verify] [--repeats N] [--json PATH] [TRACE ...]
 
 The measuring is the lab's (`malloc.traces.lab`, also behind `malloc replay`): each replay in a fresh
 process, glibc started as from a fresh heap, its footprint sampled after every operation and its system
-calls counted with strace. glibc's peak moves with its worker's heap before the replay, so it is sampled in
-several fresh processes (--footprints, 3 by default) and the smallest counts. This prints one row per trace and
-then the targets, each met or not:
+calls counted with strace. This prints one row per trace and then the targets, each met or not:
 
 - utilization (peak live bytes / peak footprint) at least glibc's, on every trace;
 - system calls (brk + mmap + munmap + mremap + madvise) at most twice glibc's count or one per 1,000
@@ -93,12 +91,6 @@ def summary(results: Sequence[TraceResult]) -> str:
         verdict = "met" if measured == len(results) and not misses else "NOT met"
         lines.append(f"  {label}: {verdict} ({measured - len(misses)} of {len(results)} traces"
                      + (f"; missed on {', '.join(misses)})" if misses else ")"))
-    varied = [f"{r.trace} {min(f.footprints):,} to {max(f.footprints):,}" for r in results
-              for f in [r.allocators["glibc"]] if f.footprints and min(f.footprints) != max(f.footprints)]
-    if varied:
-        lines.insert(2, "glibc's peak footprint varied between fresh processes (the smallest counts): "
-                     + "; ".join(varied))
-        lines.insert(3, "")
     ok = mean is not None and mean >= THROUGHPUT_TARGET
     lines.append(f"  throughput at least {THROUGHPUT_TARGET:g}x multiprocessing.heap (geometric mean): "
                  f"{'met' if ok else 'NOT met'} ({number(mean, '.2f')}x)")
@@ -110,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("traces", nargs="*", type=Path,
                     help=f"trace files (default: {', '.join(str(TRACES / p) for p in PATTERNS)})")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per allocator; the best counts")
-    ap.add_argument("--footprints", type=int, default=3,
-                    help="sampled replays of glibc, in fresh processes; its smallest peak counts (default 3)")
     ap.add_argument("--verify", action="store_true", help="also replay ours and glibc checking block contents")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON to PATH")
     ap.add_argument("--self-check", action="store_true", help="first check the glibc footprint harness")
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = Plan(against=("glibc", "mpheap"), repeats=args.repeats, verify=args.verify, footprints=args.footprints)
+    plan = Plan(against=("glibc", "mpheap"), repeats=args.repeats, verify=args.verify)
     if not plan.use_strace:
         print("note: strace is not installed, so glibc's system calls (and that target) are not measured",
               file=sys.stderr)

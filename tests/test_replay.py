@@ -23,10 +23,8 @@ from malloc.cli import main
 from malloc.os.libc import PAGE_SIZE
 from malloc.traces.baselines import BEGIN_MARK, END_MARK, count_strace, from_foreign_call, from_mmap_module
 from malloc.traces.formats import load, peak_live
-from malloc.traces.lab import AllocatorResult, TraceResult
 from malloc.traces.replay import live_bytes
 from malloc.traces.settings import SettingError, parse_setting
-from malloc.traces.table import trace_table
 
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 BIG = 1_000_000  # far above any mmap threshold glibc or ours start with
@@ -61,8 +59,7 @@ def test_live_bytes_of_a_hand_written_trace(tmp_path: Path) -> None:
 @needs_strace
 def test_one_mapped_block_figures_and_json(tmp_path: Path) -> None:
     path = write_rep(tmp_path / "big.rep", 1, [f"a 0 {BIG}", "f -1", "f 0"])
-    out = replay(path, "--against", "glibc,mpheap", "--repeats", "1", "--footprints", "2",
-                 "--json", tmp_path / "out.json")
+    out = replay(path, "--against", "glibc,mpheap", "--repeats", "1", "--json", tmp_path / "out.json")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "big: 3 operations, peak live 1,000,000 bytes" in out.stdout
     data = json.loads((tmp_path / "out.json").read_text())
@@ -72,11 +69,7 @@ def test_one_mapped_block_figures_and_json(tmp_path: Path) -> None:
     ours, glibc = t["allocators"]["ours"], t["allocators"]["glibc"]
     for figures in t["allocators"].values():
         assert set(figures) == {"footprint", "utilization", "syscalls", "syscall_total", "seconds",
-                                "all_seconds", "ops_per_s", "verified", "footprints"}
-    # glibc's peak is sampled in two fresh processes (the smallest counts); the others' once or not at all
-    assert glibc["footprints"] == [mapped_chunk(BIG)] * 2
-    assert t["allocators"]["mpheap"]["footprints"] == [t["allocators"]["mpheap"]["footprint"]]
-    assert ours["footprints"] == []
+                                "all_seconds", "ops_per_s", "verified"}
     # one mapping of its own, unmapped on free; nothing else held from the OS
     assert ours["syscalls"] == {"mmap": 1, "munmap": 1}
     assert ours["footprint"] == mapped_chunk(BIG) == 1_003_520
@@ -192,22 +185,6 @@ def test_unknown_baseline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     path = write_rep(tmp_path / "t.rep", 1, ["a 0 10", "f 0"])
     assert main(["replay", str(path), "--against", "glibc,jemalloc"]) == 2
     assert "unknown baseline 'jemalloc'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("option", ["--repeats", "--footprints"])
-def test_counts_below_one_are_refused(option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_rep(tmp_path / "t.rep", 1, ["a 0 10", "f 0"])
-    assert main(["replay", str(path), option, "0"]) == 2
-    assert f"{option} must be at least 1, not 0" in capsys.readouterr().err
-
-
-def test_a_varying_baseline_footprint_is_reported_and_the_smallest_counts() -> None:
-    result = TraceResult("t", "t.rep", 2, 100, 0,
-                         {"ours": AllocatorResult(footprint=4096),
-                          "glibc": AllocatorResult(footprint=135168, footprints=[139264, 135168, 139264])})
-    text = trace_table(result)
-    assert "glibc's peak footprint over 3 fresh processes: 135,168 to 139,264 bytes; the smallest counts" in text
-    assert result.utilization("glibc") == 100 / 135168
 
 
 def test_plot_writes_one_svg_per_trace(tmp_path: Path) -> None:

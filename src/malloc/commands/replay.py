@@ -35,9 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a mallopt setting for ours and glibc, e.g. M_MMAP_THRESHOLD=65536 (repeatable)")
     parser.add_argument("--repeats", type=int, default=3, metavar="N",
                         help="timed replays per allocator, in fresh processes; the best counts (default 3)")
-    parser.add_argument("--footprints", type=int, default=1, metavar="N",
-                        help="sampled replays of glibc, in fresh processes; the smallest peak counts (default 1: "
-                             "glibc's peak moves with the worker's heap before the replay)")
 
 
 class ProgressBar:
@@ -73,12 +70,11 @@ def _parse(args: argparse.Namespace) -> tuple[Plan, list[Path]]:
     unknown = [a for a in against if a not in BASELINES]
     if unknown:
         raise ValueError(f"--against: unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")
-    for option in ("repeats", "footprints"):
-        if getattr(args, option) < 1:
-            raise ValueError(f"--{option} must be at least 1, not {getattr(args, option)}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, not {args.repeats}")
     settings: tuple[Setting, ...] = tuple(parse_setting(text) for text in args.settings)
     plan = Plan(against=against, settings=settings, repeats=args.repeats, verify=args.verify,
-                series=args.plot is not None, footprints=args.footprints)
+                series=args.plot is not None)
     return plan, [Path(p) for p in args.traces]
 
 

@@ -6,14 +6,15 @@ in a new interpreter (`malloc.traces.worker`), so that no run can disturb anothe
 - `repeats` timed replays, interleaved across allocators so that drift in machine speed hits all alike
   (ops/s is the best of them). Ours reports its footprint and system calls from these runs: they come
   from the allocator's own bookkeeping and log, which cost nothing extra.
-- for glibc and mpheap, an untimed replay sampling the footprint after every operation; their system
-  calls are counted there with strace, when it is installed. glibc's peak depends on its heap's history
-  before the replay, which the plug evens out only in part (it moves by pages to a top pad between fresh
-  processes), so with `footprints` above 1 glibc is sampled that many times and the smallest peak counts:
-  the strictest figure to compare with. With `series` (for plots) ours gets such a
+- for glibc and mpheap, one untimed replay sampling the footprint after every operation; their system
+  calls are counted there with strace, when it is installed. With `series` (for plots) ours gets such a
   run too, and every run keeps its samples.
 - with `verify`, a replay of ours (and glibc's, if it is compared) checking every block's contents; under
   strace, our system-call log is then checked against the kernel's view.
+
+The trace is parsed once, here, and every worker reads its binary form (`opsfile`): a worker that parsed
+it would free buffers that move glibc's dynamic mmap threshold by its own history, and glibc's figures
+with it.
 
 Throughput is only meaningful as a ratio between allocators measured in the same run on the same machine.
 """
@@ -61,7 +62,6 @@ class Plan:
     verify: bool = False
     series: bool = False  # keep the footprint after every operation (for plots)
     strace: bool = True  # count the baselines' system calls (and cross-check ours under --verify), if strace exists
-    footprints: int = 1  # sampled replays of glibc, each in a fresh process; the smallest peak counts
 
     @property
     def allocators(self) -> tuple[str, ...]:
@@ -73,7 +73,7 @@ class Plan:
 
     def runs_per_trace(self) -> int:
         """Workers started for each trace (for a progress display)."""
-        sampled = sum((self.footprints if a == "glibc" else 1) for a in self.allocators if a != "ours" or self.series)
+        sampled = sum(1 for a in self.allocators if a != "ours" or self.series)
         verified = sum(1 for a in self.allocators if a != "mpheap") if self.verify else 0
         return self.repeats * len(self.allocators) + sampled + verified
 
@@ -82,8 +82,7 @@ class Plan:
 class AllocatorResult:
     """One allocator's figures on one trace; None where not measured."""
 
-    footprint: int | None = None  # peak bytes held from the OS (the smallest of `footprints`)
-    footprints: list[int] = field(default_factory=list)  # the peak of each sampled replay (of a baseline)
+    footprint: int | None = None  # peak bytes held from the OS
     seconds: list[float] = field(default_factory=list)  # of each timed replay
     syscalls: dict[str, int] | None = None  # by the kernel's names, zeros left out
     verified: bool | None = None
@@ -128,7 +127,7 @@ class TraceResult:
             out["allocators"][name] = {
                 "footprint": r.footprint, "utilization": self.utilization(name), "syscalls": r.syscalls,
                 "syscall_total": r.syscall_total, "seconds": r.best_seconds, "all_seconds": r.seconds,
-                "ops_per_s": self.ops_per_s(name), "verified": r.verified, "footprints": r.footprints}
+                "ops_per_s": self.ops_per_s(name), "verified": r.verified}
         return out
 
 
@@ -180,11 +179,12 @@ def _measure(trace: Trace, path: str | os.PathLike[str], ops: Path, plan: Plan,
     result.allocators = {a: AllocatorResult() for a in plan.allocators}
     settings = plan.settings
 
-    def run(alloc: str, mode: str, strace: bool = False, series: bool = False) -> Json | None:
+    def run(alloc: str, mode: str, strace: bool = False) -> Json | None:
         if progress is not None:
             progress(f"{trace.name}: {alloc} {mode}")
         try:
-            r = run_worker(alloc, mode, ops, settings if alloc != "mpheap" else (), strace, series)
+            r = run_worker(alloc, mode, ops, settings if alloc != "mpheap" else (), strace,
+                           plan.series and mode == "footprint")
         except WorkerError as exc:
             result.errors.append(str(exc))
             return None
@@ -211,23 +211,19 @@ def _measure(trace: Trace, path: str | os.PathLike[str], ops: Path, plan: Plan,
     for alloc in plan.allocators:
         if alloc == "ours" and not plan.series:
             continue
+        r = run(alloc, "footprint", plan.use_strace and alloc != "ours")
+        if r is None:
+            continue
         figures = result.allocators[alloc]
-        for n in range(plan.footprints if alloc == "glibc" else 1):
-            # the first run also counts the system calls (strace) and keeps the series
-            r = run(alloc, "footprint", plan.use_strace and alloc != "ours" and n == 0, plan.series and n == 0)
-            if r is None:
-                continue
-            if n == 0:
-                figures.series = r.get("series")
-            if alloc == "ours":
-                figures.footprint, figures.syscalls = r["footprint"], r["syscalls"]
-                continue
-            figures.footprints.append(r["footprint"])
-            figures.footprint = min(figures.footprints)
-            if r.get("foreign_brk_moves"):
-                result.errors.append(f"glibc: the break moved {r['foreign_brk_moves']} times outside its calls")
-            if "strace" in r:
-                figures.syscalls = {k: v for k, v in r["strace"].items() if v}
+        figures.series = r.get("series")
+        if alloc == "ours":
+            figures.footprint, figures.syscalls = r["footprint"], r["syscalls"]
+            continue
+        figures.footprint = r["footprint"]
+        if r.get("foreign_brk_moves"):
+            result.errors.append(f"glibc: the break moved {r['foreign_brk_moves']} times outside its calls")
+        if "strace" in r:
+            figures.syscalls = {k: v for k, v in r["strace"].items() if v}
     if plan.verify:
         for alloc in plan.allocators:
             if alloc == "mpheap":

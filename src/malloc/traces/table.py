@@ -84,10 +84,5 @@ def trace_table(r: TraceResult) -> str:
     if r.skipped_frees:
         title += f", {r.skipped_frees:,} frees of blocks from before the trace skipped"
     lines = [title, render(rows)]
-    for name, figures in r.allocators.items():
-        runs = figures.footprints
-        if len(runs) > 1 and min(runs) != max(runs):
-            lines.append(f"{name}'s peak footprint over {len(runs)} fresh processes: {min(runs):,} to {max(runs):,} "
-                         "bytes; the smallest counts")
     lines += [f"ERROR {e}" for e in r.errors]
     return "\n".join(lines)
