@@ -175,6 +175,7 @@ def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | 
 
 def _measure(trace: Trace, path: str | os.PathLike[str], ops: Path, plan: Plan,
              progress: Progress | None) -> TraceResult:
+    """`replay_trace`'s runs, every worker reading the trace from the ops file `ops`."""
     result = TraceResult(trace.name, os.fspath(path), trace.num_ops, peak_live(trace), trace.skipped_frees)
     result.allocators = {a: AllocatorResult() for a in plan.allocators}
     settings = plan.settings
