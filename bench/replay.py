@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("traces", nargs="*", type=Path,
                     help=f"trace files (default: {', '.join(str(TRACES / p) for p in PATTERNS)})")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per allocator; the best counts")
-    ap.add_argument("--verify", action="store_true", help="also replay ours and glibc checking block contents")
+    ap.add_argument("--verify", action="store_true", help="also replay every allocator checking block contents")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON to PATH")
     ap.add_argument("--self-check", action="store_true", help="first check the glibc footprint harness")
     args = ap.parse_args(argv)

@@ -21,8 +21,15 @@ import pytest
 
 from malloc.cli import main
 from malloc.os.libc import PAGE_SIZE
-from malloc.traces.baselines import BEGIN_MARK, END_MARK, count_strace, from_foreign_call, from_mmap_module
-from malloc.traces.formats import load, peak_live
+from malloc.traces.baselines import (
+    BEGIN_MARK,
+    END_MARK,
+    count_strace,
+    from_foreign_call,
+    from_mmap_module,
+    replay_mpheap_verified,
+)
+from malloc.traces.formats import ALLOC, FREE, REALLOC, load, peak_live
 from malloc.traces.replay import live_bytes
 from malloc.traces.settings import SettingError, parse_setting
 
@@ -139,13 +146,34 @@ def test_set_raises_the_threshold_so_the_block_comes_from_the_break(tmp_path: Pa
 
 def test_verify_finds_nothing_on_shared_traces() -> None:
     paths = [TRACES / "rep" / f"{name}.rep" for name in ("short1-bal", "short2-bal", "perl")]
-    out = replay(*paths, "--against", "glibc", "--repeats", "1", "--verify", "--json")
+    out = replay(*paths, "--against", "glibc,mpheap", "--repeats", "1", "--verify", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     traces = json.loads(out.stdout)["traces"]
     assert [t["trace"] for t in traces] == ["short1-bal", "short2-bal", "perl"]
     for t in traces:
         assert t["errors"] == []
-        assert [a["verified"] for a in t["allocators"].values()] == [True, True]
+        assert [a["verified"] for a in t["allocators"].values()] == [True, True, True]
+
+
+def test_the_mpheap_verifier_finds_blocks_that_overlap() -> None:
+    """A heap that hands every request the same bytes: the second block's pattern overwrites the first's,
+    which the check before the first block's free must report."""
+
+    class Arena:
+        buffer = bytearray(4096)
+
+    class SameBytes:
+        def malloc(self, n: int) -> tuple[Arena, int, int]:
+            return (Arena(), 0, max(n, 1))
+
+        def free(self, block: tuple[Arena, int, int]) -> None:
+            pass
+
+    ops = [(ALLOC, 0, 100), (ALLOC, 1, 100), (FREE, 0, 0)]
+    damage = r"op 2: block 0 \(arena offset 0, 100 bytes\) was overwritten before free"
+    with pytest.raises(AssertionError, match=damage):
+        replay_mpheap_verified(ops, [None] * 3, SameBytes())
+    replay_mpheap_verified([(ALLOC, 0, 100), (REALLOC, 0, 300), (FREE, 0, 0)], [None] * 2, SameBytes())
 
 
 @pytest.mark.parametrize(("setting", "message"), [

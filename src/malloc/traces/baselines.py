@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .formats import ALLOC, REALLOC, Op, Trace
-from .replay import Json, Window, replay, replay_verified
+from .replay import Json, Window, pattern, replay, replay_verified
 
 IS_MMAPPED = 2  # in glibc's chunk size word, 8 bytes before the block
 STRACE_CALLS = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")
@@ -205,22 +205,56 @@ def replay_mpheap(ops: Sequence[Op], table: list[Any], heap: Any) -> None:
                 table[i] = None
 
 
+def replay_mpheap_verified(ops: Sequence[Op], table: list[Any], heap: Any) -> None:
+    """`replay_mpheap` writing each block's pattern over the bytes asked for, and checking it before every
+    free and realloc and after every realloc (min(old, new) bytes carried over); AssertionError names the
+    first damage. The same checks as `replay.replay_verified`, through the arenas' buffers."""
+    sizes = [0] * len(table)
+
+    def check(k: int, i: int, n: int, what: str) -> None:
+        arena, start, _ = table[i]
+        if n and arena.buffer[start:start + n] != bytes((pattern(i),)) * n:
+            raise AssertionError(f"op {k}: block {i} (arena offset {start}, {n} bytes) was overwritten {what}")
+
+    for k, op in enumerate(ops):
+        code, i, n = op
+        old = sizes[i] if table[i] is not None else 0
+        if code != ALLOC and table[i] is not None:
+            check(k, i, old, "before " + ("realloc" if code == REALLOC else "free"))
+        replay_mpheap((op,), table, heap)
+        block = table[i]
+        if block is None:
+            sizes[i] = 0
+            continue
+        if code == REALLOC:
+            check(k, i, min(old, n), "in realloc (contents not carried over)")
+        sizes[i] = n
+        arena, start, _ = block
+        arena.buffer[start:start + n] = bytes((pattern(i),)) * n
+    for i, block in enumerate(table):
+        if block is not None:
+            check(len(ops), i, sizes[i], "by the end of the trace")
+
+
 def measure_mpheap(trace: Trace, mode: str, table: list[Any], samples: list[int] | None = None,
                    window: Window = contextlib.nullcontext) -> Json:
     """Replay `trace` through a new multiprocessing.heap.Heap. mode "time": timed; "footprint": the sum of
     its arenas' sizes after every operation, into `samples` if given (arenas come and go only inside malloc
-    and free, so the peak is exact). `table` is the replay table, num_ids + 1 Nones. The loop runs inside
-    `window()`; the heap outlives it, so unmapping its arenas at the end is not counted."""
+    and free, so the peak is exact); "verify": the verified loop. `table` is the replay table, num_ids + 1
+    Nones. The loop runs inside `window()`; the heap outlives it, so unmapping its arenas at the end is not
+    counted."""
     from multiprocessing.heap import Heap
 
     heap = Heap()
     result: Json = {}
-    if mode not in ("time", "footprint"):
+    if mode not in ("time", "footprint", "verify"):
         raise ValueError(f"unknown mode {mode!r} for mpheap")
     with window():
         t0 = time.perf_counter()
         if mode == "time":
             replay_mpheap(trace.ops, table, heap)
+        elif mode == "verify":
+            replay_mpheap_verified(trace.ops, table, heap)
         else:
             arenas = heap._arenas  # type: ignore[attr-defined]  # changed in place as arenas come and go
             peak = 0

@@ -9,8 +9,8 @@ in a new interpreter (`malloc.traces.worker`), so that no run can disturb anothe
 - for glibc and mpheap, one untimed replay sampling the footprint after every operation; their system
   calls are counted there with strace, when it is installed. With `series` (for plots) ours gets such a
   run too, and every run keeps its samples.
-- with `verify`, a replay of ours (and glibc's, if it is compared) checking every block's contents; under
-  strace, our system-call log is then checked against the kernel's view.
+- with `verify`, a replay of each allocator checking every block's contents; under strace, our
+  system-call log is then checked against the kernel's view.
 
 The trace is parsed once, here, and every worker reads its binary form (`opsfile`): a worker that parsed
 it would free buffers that move glibc's dynamic mmap threshold by its own history, and glibc's figures
@@ -74,7 +74,7 @@ class Plan:
     def runs_per_trace(self) -> int:
         """Workers started for each trace (for a progress display)."""
         sampled = sum(1 for a in self.allocators if a != "ours" or self.series)
-        verified = sum(1 for a in self.allocators if a != "mpheap") if self.verify else 0
+        verified = len(self.allocators) if self.verify else 0
         return self.repeats * len(self.allocators) + sampled + verified
 
 
@@ -227,8 +227,6 @@ def _measure(trace: Trace, path: str | os.PathLike[str], ops: Path, plan: Plan,
             figures.syscalls = {k: v for k, v in r["strace"].items() if v}
     if plan.verify:
         for alloc in plan.allocators:
-            if alloc == "mpheap":
-                continue
             r = run(alloc, "verify", plan.use_strace and alloc == "ours")
             result.allocators[alloc].verified = r is not None
             if r is not None and "strace" in r:

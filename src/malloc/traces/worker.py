@@ -2,7 +2,7 @@
 
 TRACE is a trace file, or the lab's binary form of one (`malloc.traces.opsfile`, which a worker reads
 without disturbing glibc's heap). ALLOC is ours, glibc or mpheap; MODE is time (the timed loop),
-footprint (sampled after every operation; --series keeps every sample) or verify (mpheap has no verify).
+footprint (sampled after every operation; --series keeps every sample) or verify.
 The result is one line of JSON on standard output, also when the replay fails (then with "error" and
 "traceback"); the exit status is 1 then. The lab (`malloc.traces.lab`) starts these; they are not meant to
 be run by hand, except to debug one.
