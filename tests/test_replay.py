@@ -30,6 +30,8 @@ from malloc.traces.baselines import (
     replay_mpheap_verified,
 )
 from malloc.traces.formats import ALLOC, FREE, REALLOC, load, peak_live
+from malloc.traces.lab import run_worker
+from malloc.traces.opsfile import write_ops
 from malloc.traces.replay import live_bytes
 from malloc.traces.settings import SettingError, parse_setting
 
@@ -112,6 +114,19 @@ print([size for size in range(24, 1033, 16) if libc.malloc(size) < end - 64])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@needs_strace
+def test_glibcs_peak_is_the_same_whatever_the_worker_did_before(tmp_path: Path) -> None:
+    """Workers with different histories before the plug (strace attached or not, a setting that cannot
+    matter) give glibc the same peak: it moved by pages to a top pad before the plug drained the tcache
+    twice and workers stopped parsing traces themselves."""
+    trace = load(TRACES / "rep" / "random-bal.rep")
+    write_ops(trace, tmp_path / "t.ops")
+    peaks = {run_worker("glibc", "footprint", tmp_path / "t.ops")["footprint"],
+             run_worker("glibc", "footprint", tmp_path / "t.ops", (parse_setting("M_PERTURB=0"),))["footprint"],
+             run_worker("glibc", "footprint", tmp_path / "t.ops", strace=True)["footprint"]}
+    assert len(peaks) == 1, peaks
 
 
 def test_strace_stacks_are_told_apart_by_origin() -> None:
