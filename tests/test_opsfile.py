@@ -13,6 +13,7 @@ import pytest
 from malloc.traces.formats import load
 from malloc.traces.model import TraceError
 from malloc.traces.opsfile import MAGIC, is_ops_file, read_ops, write_ops
+from malloc.traces.worker import RESERVE
 
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 SHARED = sorted([*TRACES.glob("rep/*.rep"), *TRACES.glob("mtrace/*.mtrace")])
@@ -59,6 +60,23 @@ before = threshold()
 trace = read_ops(sys.argv[1]) if sys.argv[2] == "ops" else load(sys.argv[1])
 print(json.dumps([before, threshold()]))
 """
+
+
+def test_a_worker_starts_with_glibcs_threshold_where_a_fresh_program_has_it() -> None:
+    """The lab starts workers with RESERVE first: the interpreter's big module reads then come from glibc's
+    heap, and no freed mapping raises the threshold from its 128 KiB start, as `import typing` does in a
+    plain interpreter."""
+    # the heap filled first, so that no free chunk can serve the probes
+    probe = (PROBE.split("before = threshold()")[0]
+             + "from malloc.traces.baselines import plug_glibc\nplug_glibc(libc)\nprint(threshold())\n")
+
+    def threshold(code: str) -> int:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    assert threshold(RESERVE + "import malloc.traces.worker\n" + probe) <= 131072 + 512
+    assert threshold("import malloc.traces.worker\n" + probe) > 160_000
 
 
 def test_reading_the_binary_form_leaves_glibcs_threshold_where_parsing_moves_it(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from .formats import Trace, load, peak_live
 from .opsfile import write_ops
 from .replay import SYSCALL_KINDS, Json
 from .settings import Setting
+from .worker import START
 
 BASELINES = ("glibc", "mpheap")
 PLUGGED_FREE = 64  # free bytes glibc may hold when a replay begins: its top, taken down to the minimum
@@ -138,7 +139,7 @@ def run_worker(alloc: str, mode: str, path: str | os.PathLike[str], settings: Se
     WorkerError if the worker died without a result. If this call is interrupted (Ctrl-C), the worker is
     killed by its pid before the exception goes on.
     """
-    cmd = [sys.executable, "-m", "malloc.traces.worker", alloc, mode, os.fspath(path)]
+    cmd = [sys.executable, "-c", START, alloc, mode, os.fspath(path)]
     cmd += [f"--set={s}" for s in settings]
     if series:
         cmd.append("--series")
