@@ -100,12 +100,17 @@ def test_a_c_program_is_recorded_with_its_known_requests(program: Path, tmp_path
 def test_a_forked_child_does_not_write_into_the_log_and_a_started_one_writes_its_own(
     program: Path, tmp_path: Path
 ) -> None:
-    recording = run([program, "fork"], tmp_path)
+    recording = record([str(program), "fork"], tmp_path / "out.mtrace", cache_dir=tmp_path / "cache",
+                       children=True)
     sizes = [op[2] for op in recording.trace.ops if op[0] == ALLOC]
     assert sizes.count(12345) == 1, "the parent's events are in the log once, not again from the child"
     assert 1111 not in sizes
     assert 2222 in sizes
-    assert recording.other_processes >= 1  # the shell system() ran
+    assert recording.other_processes >= 2  # the child forked without exec, and the shell system() ran
+    # The forked child logged into a file of its own: its request, and none of the parent's
+    children = [parse_mtrace(path) for path in recording.children]
+    (forked,) = [log for log in children if any(op[0] == ALLOC and op[2] == 1111 for op in log.ops)]
+    assert not any(op[0] == ALLOC and op[2] in (12345, 2222) for op in forked.ops)
 
 
 def test_children_keeps_the_log_of_every_program_the_command_started(program: Path, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ Every process of the recorded program writes its own log (`PID.mtrace` in a priv
 program that starts others does not have them write over its log; the log kept is the one of the process
 started, in its final image if it exec'd (a wrapper such as `env` or `sh -c 'exec ...'` is replaced by the
 program it runs), and on request the other processes' logs too, beside it. A child forked without exec
-stops writing to the log it shares with its parent.
+stops writing to the log it shares with its parent and starts one of its own; frees there of blocks the
+parent allocated are counted as from before the log began.
 
 Calls that do not go through the program's links to malloc are not logged: glibc's debug library replaces
 malloc only for them, so a `dlsym("malloc")` lookup (ctypes does one) reaches the untraced libc malloc.
@@ -59,18 +60,8 @@ SHIM_SOURCE = r"""/* Built by `malloc record`: starts glibc's mtrace in each pro
 static int trace_fd = -1;
 static pid_t traced_pid;
 
-/* A child forked without exec shares the log's file offset and holds a copy of its unwritten buffer:
-   point its descriptor at /dev/null, so that only the parent writes the log. */
-static void quiet_child(void)
-{
-    int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
-    if (null >= 0) {
-        dup3(null, trace_fd, O_CLOEXEC);
-        close(null);
-    }
-}
-
-__attribute__((constructor)) static void malloc_record_start(void)
+/* Start tracing this process into $MALLOC_RECORD_DIR/PID.mtrace, and find the log's descriptor. */
+static void start_trace(void)
 {
     const char *dir = getenv("MALLOC_RECORD_DIR");
     char path[4096];
@@ -86,10 +77,31 @@ __attribute__((constructor)) static void malloc_record_start(void)
         if (fstat(fd, &have) == 0 && have.st_dev == want.st_dev && have.st_ino == want.st_ino) {
             trace_fd = fd;
             traced_pid = getpid();
-            pthread_atfork(NULL, NULL, quiet_child);
             return;
         }
     }
+}
+
+/* A child forked without exec shares the log's file offset and holds a copy of its unwritten buffer:
+   point its descriptor at /dev/null, so that the parent's log gets nothing from it, end that copy of
+   the trace there, and start a log of the child's own. */
+static void restart_in_child(void)
+{
+    int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (null >= 0) {
+        dup3(null, trace_fd, O_CLOEXEC);
+        close(null);
+    }
+    muntrace();
+    trace_fd = -1;
+    start_trace();
+}
+
+__attribute__((constructor)) static void malloc_record_start(void)
+{
+    start_trace();
+    if (trace_fd >= 0)
+        pthread_atfork(NULL, NULL, restart_in_child);
 }
 
 /* A program that ends with _exit (shells, Python's os._exit) skips the flush of stdio buffers, and with it
