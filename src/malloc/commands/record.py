@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--children",
         action="store_true",
-        help="also keep the logs of the other programs the command starts, as FILE.PID.mtrace beside FILE",
+        help="also keep the logs of the other processes the command starts, as FILE.PID.mtrace beside FILE",
     )
     parser.add_argument("program", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the program to run")
 
