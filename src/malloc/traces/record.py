@@ -273,7 +273,7 @@ def record(
 ) -> Recording:
     """Run `command` with glibc's malloc tracing on, write its mtrace log to `output`, and parse it.
 
-    With `children`, the log of every other process the command started (and that exec'd a program) is
+    With `children`, the log of every other process the command started (exec'd or only forked) is
     kept too, beside `output` and named after it and the process id: `app.mtrace` gives `app.PID.mtrace`.
     These are not parsed. The command's standard streams are this process's. It runs to the end whatever
     its exit status (see `Recording.returncode`). RecordError if tracing cannot be set up (with what to
