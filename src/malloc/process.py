@@ -21,7 +21,7 @@ from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import H_CLEAN, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, alignment_arg, size_arg
 from .info import MallInfo
-from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, SIZE_MASK, page_align_up
+from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, SIZE_MASK, page_align_up, request_to_size
 from .options import Options
 from .os import libc
 from .region import MAP_RESERVE, BreakRegion, MapRegion
@@ -65,7 +65,7 @@ class ProcessAllocator:
         """Address of at least `n` usable bytes, 16-byte aligned; MemoryError when none can be had."""
         if n.__class__ is not int or n < 0:
             n = size_arg(n)
-        nb = (n + 23) & ~15 if n > 24 else MIN_CHUNK
+        nb = (n + 23) & ~15 if n > 24 else MIN_CHUNK  # layout.request_to_size, written out on the hot path
         if nb <= CACHE_MAX:
             p = self._cache_take(nb)
             if p:
@@ -101,7 +101,7 @@ class ProcessAllocator:
         total = size_arg(count, "count") * size_arg(size)
         if total > MAX_REQUEST:
             raise MemoryError(f"calloc({count}, {size}) overflows")
-        nb = request_size(total)
+        nb = request_to_size(total)
         p = self._cache_take(nb) if nb <= CACHE_MAX else 0
         if p:
             libc.memset(p, 0, nb - OVERHEAD)
@@ -372,7 +372,7 @@ class ProcessAllocator:
                     return 0
                 if n > MAX_REQUEST:
                     raise MemoryError(f"cannot allocate {n} bytes")
-                nb = request_size(n)
+                nb = request_to_size(n)
                 # A block bordering the top grows in place even past the mmap threshold (glibc would move it
                 # to a mapping): moving would copy it, and a growing mapped block costs an mremap per page.
                 if heap.resize_in_place(c, nb, grow_top=True):
@@ -395,7 +395,7 @@ class ProcessAllocator:
         m, length = mapped
         self._check_mapped(p, m, length)
         offset = p - HEADER - m
-        new_length = page_align_up(request_size(n) + OVERHEAD + offset, PAGE)
+        new_length = page_align_up(request_to_size(n) + OVERHEAD + offset, PAGE)
         if new_length == length:
             return p
         m2 = libc.mremap(m, length, new_length, f"realloc of a mapped chunk to {size_text(n)}")
@@ -423,7 +423,7 @@ class ProcessAllocator:
             return self.malloc(n)
         if n > MAX_REQUEST or a > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {n} bytes aligned to {a}")
-        nb = request_size(n)
+        nb = request_to_size(n)
         need = nb + a + MIN_CHUNK
         with self._lock:
             heap, c, _clean = self._search(need)
@@ -615,7 +615,3 @@ class ProcessAllocator:
         # it stays in use, as that thread's call never finished in this process.
         self._cached.clear()
 
-
-def request_size(n: int) -> int:
-    """Chunk size for `n` requested bytes (layout.request_to_size, inlined in the hot paths)."""
-    return (n + 23) & ~15 if n > 24 else MIN_CHUNK
