@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..inspect.maps import read_maps
 from .model import ALLOC, Trace
 from .mtrace import parse_mtrace
 
@@ -162,13 +163,12 @@ def glibc_version() -> tuple[int, int] | None:
 def _libc_directory() -> str | None:
     """The directory of the libc.so.6 this process runs with: the native architecture's library directory."""
     try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split(maxsplit=5)[-1].strip()
-                if os.path.basename(path).startswith("libc.so"):
-                    return os.path.dirname(path)
+        mappings = read_maps()
     except OSError:
         return None
+    for m in mappings:
+        if os.path.basename(m.pathname).startswith("libc.so"):
+            return os.path.dirname(m.pathname)
     return None
 
 
