@@ -1,10 +1,12 @@
 """The allocators this project is measured against, replayed inside a worker process.
 
 glibc's malloc is called through ctypes. It shares its heap with the interpreter, so before a replay
-`plug_glibc` fills every free chunk glibc holds and trims its top: glibc then starts as from a fresh heap,
-and its break growth is what the trace needs. Its footprint (break growth plus mapped chunks) is sampled
-after every operation, in a replay that is not timed; its system calls are counted by `strace` attached to
-the worker for the replay only (`SelfTrace`), keeping the calls that come from a ctypes foreign call.
+`plug_glibc` fills every free chunk glibc holds and trims its top, and `fresh_start` then puts at the heap's
+start what a fresh program's first malloc puts there: glibc replays as a C program of its own would, and its
+break growth is what the trace needs (tested against a compiled C replay of the same traces). Its footprint
+(break growth plus mapped chunks) is sampled after every operation, in a replay that is not timed; its system
+calls are counted by `strace` attached to the worker for the replay only (`SelfTrace`), keeping the calls that
+come from a ctypes foreign call.
 
 `multiprocessing.heap.Heap` hands out (arena, start, stop) blocks from mmap'd arenas; its footprint is the
 sum of its arenas' sizes, and its system calls are those Python's mmap module makes for the arenas. It has
@@ -21,10 +23,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .formats import ALLOC, REALLOC, Op, Trace
+from .formats import ALLOC, FREE, REALLOC, Op, Trace
 from .replay import Json, Window, pattern, replay, replay_verified
 
 IS_MMAPPED = 2  # in glibc's chunk size word, 8 bytes before the block
+# A program's first malloc makes its thread's tcache: in glibc 2.36 a 640-byte struct (a count and a list
+# head for each of 64 sizes), allocated from the heap itself, so a 656-byte chunk at the heap's start.
+TCACHE_CHUNK = 656
+CHUNK_OVERHEAD = 8  # glibc's in-use chunk header: a request of n bytes fits a chunk of n + 8
 STRACE_CALLS = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")
 # Paths access()ed around a replay, to find it in strace's log.
 BEGIN_MARK = "/.malloc-replay-begin"
@@ -98,10 +104,25 @@ def plug_glibc(libc: ctypes.CDLL) -> int:
     return taken
 
 
-def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL,
-                  samples: list[int] | None) -> tuple[int, int]:
-    """Replay through glibc sampling its footprint after every operation: break growth plus the sizes of
-    live mapped chunks (IS_MMAPPED in a chunk's size word).
+def fresh_start(libc: ctypes.CDLL, ops: Sequence[Op]) -> None:
+    """After `plug_glibc`, make glibc's heap what a fresh program's is once its first malloc has run, if
+    the trace has any allocation: the tcache's chunk, then the top.
+
+    The plug leaves a top chunk of a few bytes just under a page-aligned break, where a fresh heap starts at
+    the break with nothing. So the stand-in takes that old top as well as the tcache's bytes: glibc grows
+    the break by the same amount as for a fresh program's first malloc (the chunk, the top pad and its
+    minimum, in whole pages), and every later chunk lies at the same distance from a page boundary as in a
+    fresh program, which is what decides when the break moves.
+    """
+    if all(code == FREE for code, _, _ in ops):
+        return  # a program that never allocates never makes the tcache
+    libc.malloc(TCACHE_CHUNK + libc.mallinfo2().keepcost - CHUNK_OVERHEAD)
+
+
+def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL, samples: list[int] | None,
+                  brk0: int) -> tuple[int, int]:
+    """Replay through glibc sampling its footprint after every operation: break growth since `brk0` plus
+    the sizes of live mapped chunks (IS_MMAPPED in a chunk's size word).
 
     Returns (peak footprint, times the break moved between two operations); the footprint after operation
     k goes to samples[k] if `samples` is given (made whole by the caller before glibc was plugged). The
@@ -109,8 +130,9 @@ def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL,
     """
     malloc, free, realloc, sbrk = libc.malloc, libc.free, libc.realloc, libc.sbrk
     word = ctypes.c_size_t.from_address
-    brk0 = last = sbrk(0)
-    mapped = peak = foreign = 0
+    last = sbrk(0)
+    peak = last - brk0
+    mapped = foreign = 0
     for k, (code, i, n) in enumerate(ops):
         if sbrk(0) != last:
             foreign += 1
@@ -148,8 +170,9 @@ def measure_glibc(libc: ctypes.CDLL, trace: Trace, mode: str, settings: Sequence
 
     The caller makes `libc` (from `glibc()`), the replay table (num_ids + 1 zeros) and `samples` first,
     then plugs glibc: anything glibc allocated after the plug would give the replay a top pad for free.
-    "free_before" reports the free bytes glibc held when the replay began (32 after a good plug). The loop
-    runs inside `window()`.
+    "free_before" reports the free bytes glibc held when the replay began (32 after a good plug). Inside
+    `window()`, `fresh_start` (its break growth and system call counted, as a fresh program's would be, but
+    not timed), then the loop.
     """
     for param, value in settings:
         if libc.mallopt(param, value) != 1:
@@ -161,11 +184,13 @@ def measure_glibc(libc: ctypes.CDLL, trace: Trace, mode: str, settings: Sequence
     result["free_before"] = libc.mallinfo2().fordblks
     brk0 = libc.sbrk(0)
     with window():
+        fresh_start(libc, trace.ops)
         t0 = time.perf_counter()
         if mode == "time":
             replay(trace.ops, table, *api)
         elif mode == "footprint":
-            result["footprint"], result["foreign_brk_moves"] = glibc_sampled(trace.ops, table, libc, samples)
+            result["footprint"], result["foreign_brk_moves"] = glibc_sampled(trace.ops, table, libc, samples,
+                                                                             brk0)
         else:
             replay_verified(trace.ops, table, *api)
         result["seconds"] = time.perf_counter() - t0
