@@ -404,6 +404,46 @@ class Heap:
             return 0
         return c
 
+    def would_serve(self, blocks: set[int], nb: int) -> set[int]:
+        """Of `blocks`, live blocks of this heap the caller may free, those that freed would make room for a
+        chunk of `nb` bytes: alone, or coalesced with the free chunks, the top and the other `blocks` around
+        them. Reads only; a block with a damaged header is returned, for `chunk_of` to report."""
+        W = self._w
+        t = W[H_TOP]
+        first = self.base + HEADER
+        out: set[int] = set()
+        for p in blocks:
+            c = (p - first) >> 3
+            try:
+                h = W[c + 1]
+                size = h & SIZE_MASK
+                if size >= nb or size < MIN_CHUNK:
+                    out.add(p)
+                    continue
+                total = 0 if h & PREV_INUSE else W[c]
+                run = [p]
+                n = c + (size >> 3)
+                while first + (n << 3) in blocks:  # cached neighbours above coalesce too
+                    run.append(first + (n << 3))
+                    total += size
+                    size = W[n + 1] & SIZE_MASK
+                    if size < MIN_CHUNK:
+                        raise IndexError
+                    n += size >> 3
+                total += size
+                if n == t:
+                    total -= MIN_CHUNK  # the top must keep a minimal chunk after the split
+                    total += W[t + 1] & SIZE_MASK
+                else:
+                    nsz = W[n + 1] & SIZE_MASK
+                    if not W[n + (nsz >> 3) + 1] & PREV_INUSE:
+                        total += nsz
+                if total >= nb:
+                    out.update(run)
+            except IndexError:
+                out.add(p)
+        return out
+
     def chunk_of(self, p: int) -> int:
         """Word index of the live chunk whose block starts at address `p`; writes nothing.
 

@@ -143,19 +143,38 @@ class ProcessAllocator:
 
     def _search(self, nb: int) -> tuple[Heap | None, int, int]:
         """(heap, chunk, the heap's clean mark before) for `nb` bytes from any heap's bins or top, or
-        (None, 0, 0). Cached blocks are invisible to the heaps, so before giving up the cache goes back
-        into them, coalesced (as glibc consolidates its fastbins), and they are searched again: the cache
-        never makes a heap grow."""
-        for flushed in (False, True):
+        (None, 0, 0). Cached blocks are invisible to the heaps, so before giving up, those that could serve
+        the request go back into them, coalesced, and they are searched again: no request goes to the OS
+        while freed memory could serve it."""
+        for released in (False, True):
             for heap in self._heaps:
                 clean = heap._w[H_CLEAN]
                 c = heap.allocate(nb)
                 if c:
                     return heap, c, clean
-            if flushed or not self._cached:
+            if released or not self._cached or not self._release_cache_for(nb):
                 break
-            self._flush_cache()
         return None, 0, 0
+
+    def _release_cache_for(self, nb: int) -> bool:
+        """Give back to their heaps the cached blocks that could serve a chunk of `nb` bytes: alone, or
+        coalesced with free neighbours, the top, or neighbours cached too; True if any went back.
+
+        The others, smaller than the request and between chunks in use, could not serve it even freed: they
+        stay cached, as glibc's tcache keeps its chunks when the heap grows. Releasing the whole cache (as
+        this allocator did before) placed later blocks differently from glibc: on random-bal, 7 pages more
+        at the peak. The scan costs about 2 µs a cached block each time a request would go to the OS.
+        """
+        cached = set(self._cached)
+        released = False
+        for heap in self._heaps:
+            blocks = cached if len(self._heaps) == 1 else {p for p in cached if heap.owns(p)}
+            for p in heap.would_serve(blocks, nb):
+                c = heap.chunk_of(p)
+                if self._cache.remove(p, heap._w[c + 1] & SIZE_MASK):
+                    heap.release(c)
+                    released = True
+        return released
 
     def _from_os(self, need: int, nb: int, alignment: int, what: str) -> tuple[Heap | None, int]:
         """Memory for `what` from the OS, glibc's way: at or above the mmap threshold a mapping of its own,
@@ -190,12 +209,14 @@ class ProcessAllocator:
         main = self._main
         try:
             if main is None:
-                region = BreakRegion(HEAP_HEADER + nb + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
+                # Made as glibc makes its first heap, whose first chunk is the thread's tcache: the header,
+                # the top pad and a minimal chunk, in whole pages. The request then comes from that top, or
+                # grows it as any other would, so a program's first request does not set the heap's size.
+                region = BreakRegion(HEAP_HEADER + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
                 main = self._main = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
                 self._add_heap(main)
-            else:
-                main.top_pad = opts.top_pad
-                main.extend(nb, reason)
+            main.top_pad = opts.top_pad
+            main.extend(nb, reason)
             self._note_system()
             return main
         except MemoryError:
