@@ -117,3 +117,34 @@ def test_the_first_heap_is_the_header_and_the_top_pad_whatever_the_first_request
         """)
         assert facts["sbrks"] == 1
         assert facts["brk1"] - facts["brk0"] == -(-(HEAP_HEADER + 32 + DEFAULT_TOP_PAD) // PAGE) * PAGE
+
+
+def test_a_damaged_cached_block_is_reported_and_nothing_is_released() -> None:
+    """An overflow from the block below rewrote a cached block's size word: the request that would release it
+    raises HeapCorruption before any cached block goes back (the intact one, above a free chunk, stays)."""
+    facts = run("""
+        import ctypes
+        f = malloc.malloc(1500)
+        b = malloc.malloc(1000)
+        guard1 = malloc.malloc(100)
+        a = malloc.malloc(1000)
+        d = malloc.malloc(1000)
+        guard2 = malloc.malloc(100)
+        malloc.free(f)                       # a free chunk in a bin
+        malloc.free(b)                       # cached: with f it could serve the request below
+        malloc.free(d)                       # cached, and then damaged
+        size_word = ctypes.c_uint64.from_address(d - 8)
+        saved = size_word.value
+        ctypes.memset(d - 8, 0x41, 8)        # as a write past a's end would: d's size word
+        fill(0)
+        try:
+            malloc.malloc(2200)              # f and b could serve it; d's size now says d could too
+            error = None
+        except malloc.HeapCorruption as e:
+            error = str(e)
+        size_word.value = saved              # repaired, the heap must be as it was
+        malloc.check()
+        report(error=error, d=d - 16, states=[state(b), state(d)])
+    """)
+    assert facts["error"] is not None and f"{facts['d']:#x}" in facts["error"]
+    assert facts["states"] == ["cached", "cached"]

@@ -404,10 +404,11 @@ class Heap:
             return 0
         return c
 
-    def would_serve(self, blocks: set[int], nb: int) -> set[int]:
+    def would_serve(self, blocks: set[int], nb: int) -> list[int]:
         """Of `blocks`, live blocks of this heap the caller may free, those that freed would make room for a
         chunk of `nb` bytes: alone, or coalesced with the free chunks, the top and the other `blocks` around
-        them. Reads only; a block with a damaged header is returned, for `chunk_of` to report."""
+        them, in address order. Reads only; a block with a damaged header is returned, for `chunk_of` to
+        report."""
         W = self._w
         t = W[H_TOP]
         first = self.base + HEADER
@@ -442,7 +443,7 @@ class Heap:
                     out.update(run)
             except IndexError:
                 out.add(p)
-        return out
+        return sorted(out)
 
     def chunk_of(self, p: int) -> int:
         """Word index of the live chunk whose block starts at address `p`; writes nothing.

@@ -169,8 +169,8 @@ class ProcessAllocator:
         released = False
         for heap in self._heaps:
             blocks = cached if len(self._heaps) == 1 else {p for p in cached if heap.owns(p)}
-            for p in heap.would_serve(blocks, nb):
-                c = heap.chunk_of(p)
+            chosen = [(p, heap.chunk_of(p)) for p in heap.would_serve(blocks, nb)]  # all checked first
+            for p, c in chosen:
                 if self._cache.remove(p, heap._w[c + 1] & SIZE_MASK):
                     heap.release(c)
                     released = True
