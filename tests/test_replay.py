@@ -281,6 +281,23 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     assert "malloc[plot]" in out.stderr and out.stdout == ""
 
 
+def _worker_files(parent: int) -> list[str]:
+    """The ops files that `parent`'s replay workers are reading now (a worker's last argument is its
+    trace: the lab's binary form of it, in a temporary directory of the lab's)."""
+    files = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == parent and any(b"malloc.traces.worker" in a for a in args):
+            files += [a.decode() for a in args if a.endswith(b".ops")]
+    return files
+
+
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -303,8 +320,11 @@ def test_ctrl_c_prints_the_traces_done_and_leaves_no_worker(tmp_path: Path) -> N
         lines = [proc.stdout.readline() for _ in range(2)]  # the first trace's title and table head
         assert lines[0].startswith("quick: 2 operations"), lines
         deadline = time.monotonic() + 30
-        while not _processes_mentioning(str(slow)) and time.monotonic() < deadline:
-            time.sleep(0.05)  # until a worker is replaying the slow trace
+        files: list[str] = []
+        while not files and time.monotonic() < deadline:
+            time.sleep(0.01)  # until a worker is replaying the slow trace (quick's table is out: all of it is done)
+            files = _worker_files(proc.pid)
+        assert files, "no worker replaying the slow trace was seen"
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=60)
     finally:
@@ -314,4 +334,5 @@ def test_ctrl_c_prints_the_traces_done_and_leaves_no_worker(tmp_path: Path) -> N
     assert proc.returncode == 130, err
     assert "interrupted: 1 of 2 traces done" in rest
     assert "slow:" not in rest
-    assert _processes_mentioning(str(slow)) == []
+    assert _processes_mentioning(files[0]) == []  # no worker left
+    assert not Path(files[0]).exists()  # and the lab's temporary directory is gone
