@@ -313,8 +313,11 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_ctrl_c_prints_the_traces_done_and_leaves_no_worker(tmp_path: Path) -> None:
     quick = write_rep(tmp_path / "quick.rep", 1, ["a 0 10", "f 0"])
     slow = write_rep(tmp_path / "slow.rep", 1, ["a 0 64", "f 0"] * 100_000)
+    # A job started in the background by a shell inherits SIGINT ignored, and so would the command: give
+    # it the default disposition, as a terminal's foreground job has.
     proc = subprocess.Popen([sys.executable, "-m", "malloc", "replay", str(quick), str(slow), "--repeats", "50"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(2)]  # the first trace's title and table head
