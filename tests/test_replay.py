@@ -6,6 +6,7 @@ multiprocessing.heap); traces are small, so the file stays quick on a loaded mac
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from malloc.traces.baselines import (
     from_foreign_call,
     from_mmap_module,
     replay_mpheap_verified,
+    tcache_chunk,
 )
 from malloc.traces.formats import ALLOC, FREE, REALLOC, load, peak_live
 from malloc.traces.lab import run_worker
@@ -132,6 +134,15 @@ def test_glibcs_peak_is_the_same_whatever_the_worker_did_before(tmp_path: Path) 
              run_worker("glibc", "footprint", tmp_path / "t.ops", (parse_setting("M_PERTURB=0"),))["footprint"],
              run_worker("glibc", "footprint", tmp_path / "t.ops", strace=True)["footprint"]}
     assert len(peaks) == 1, peaks
+
+
+def test_the_tcache_chunk_is_read_from_the_start_of_glibcs_heap() -> None:
+    """glibc's tcache struct: 64 two-byte counts and 64 list heads since 2.30 (a 656-byte chunk), one-byte
+    counts before (592)."""
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    major, minor = map(int, libc.gnu_get_libc_version().decode().split(".")[:2])
+    assert tcache_chunk() == (656 if (major, minor) >= (2, 30) else 592)
 
 
 @pytest.mark.parametrize("name", ["rep/coalescing-bal.rep", "rep/cccp-bal.rep", "rep/random-bal.rep",

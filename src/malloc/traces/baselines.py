@@ -23,13 +23,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ..inspect.maps import read_maps, read_start_brk
 from .formats import ALLOC, FREE, REALLOC, Op, Trace
 from .replay import Json, Window, pattern, replay, replay_verified
 
 IS_MMAPPED = 2  # in glibc's chunk size word, 8 bytes before the block
-# A program's first malloc makes its thread's tcache: in glibc 2.36 a 640-byte struct (a count and a list
-# head for each of 64 sizes), allocated from the heap itself, so a 656-byte chunk at the heap's start.
-TCACHE_CHUNK = 656
+PREV_INUSE = 1
 CHUNK_OVERHEAD = 8  # glibc's in-use chunk header: a request of n bytes fits a chunk of n + 8
 STRACE_CALLS = ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")
 # Paths access()ed around a replay, to find it in strace's log.
@@ -104,9 +103,30 @@ def plug_glibc(libc: ctypes.CDLL) -> int:
     return taken
 
 
-def fresh_start(libc: ctypes.CDLL, ops: Sequence[Op]) -> None:
+def tcache_chunk() -> int:
+    """Bytes of the chunk that this process's first malloc made for its thread's tcache.
+
+    glibc makes the tcache (a count and a list head for each of its 64 sizes) on a thread's first malloc,
+    from the heap itself, so in the main thread it is the first chunk of the main heap, at the start of the
+    program break: 656 bytes in glibc 2.30 and later (2.36 here), 592 in 2.26 to 2.29, whose counts were
+    bytes. It is read there, not assumed; RuntimeError if the break holds no heap, or its first chunk does
+    not look like an in-use chunk of that kind.
+    """
+    start = read_start_brk()
+    first = (start + 15) & ~15 if start else 0
+    if not any(m.start <= first and first + 16 <= m.end for m in read_maps()):
+        raise RuntimeError("glibc's main heap is not on the program break: no tcache chunk to find")
+    word = ctypes.c_size_t.from_address(first + 8).value
+    size = word & ~7
+    if not word & PREV_INUSE or word & IS_MMAPPED or size & 15 or not 32 <= size < 4096:
+        raise RuntimeError(f"the first chunk of glibc's heap has a size word of {word:#x}: not its tcache")
+    return size
+
+
+def fresh_start(libc: ctypes.CDLL, ops: Sequence[Op], tcache: int) -> None:
     """After `plug_glibc`, make glibc's heap what a fresh program's is once its first malloc has run, if
-    the trace has any allocation: the tcache's chunk, then the top.
+    the trace has any allocation: the tcache's chunk (`tcache` bytes, from `tcache_chunk()`, read before the
+    plug: reading it allocates), then the top.
 
     The plug leaves a top chunk of a few bytes just under a page-aligned break, where a fresh heap starts at
     the break with nothing. So the stand-in takes that old top as well as the tcache's bytes: glibc grows
@@ -116,7 +136,7 @@ def fresh_start(libc: ctypes.CDLL, ops: Sequence[Op]) -> None:
     """
     if all(code == FREE for code, _, _ in ops):
         return  # a program that never allocates never makes the tcache
-    libc.malloc(TCACHE_CHUNK + libc.mallinfo2().keepcost - CHUNK_OVERHEAD)
+    libc.malloc(tcache + libc.mallinfo2().keepcost - CHUNK_OVERHEAD)
 
 
 def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL, samples: list[int] | None,
@@ -163,13 +183,14 @@ def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL, sample
 
 
 def measure_glibc(libc: ctypes.CDLL, trace: Trace, mode: str, settings: Sequence[tuple[int, int]],
-                  table: list[Any], samples: list[int] | None = None,
+                  table: list[Any], tcache: int, samples: list[int] | None = None,
                   window: Window = contextlib.nullcontext) -> Json:
     """Replay `trace` through glibc after `mallopt(param, value)` for each setting. mode "time": the lean
     loop, timed; "footprint": sampled (into `samples` if given); "verify": the verified loop.
 
-    The caller makes `libc` (from `glibc()`), the replay table (num_ids + 1 zeros) and `samples` first,
-    then plugs glibc: anything glibc allocated after the plug would give the replay a top pad for free.
+    The caller makes `libc` (from `glibc()`), the replay table (num_ids + 1 zeros), `samples` and `tcache`
+    (from `tcache_chunk()`) first, then plugs glibc: anything glibc allocated after the plug would give the
+    replay a top pad for free.
     "free_before" reports the free bytes glibc held when the replay began (32 after a good plug). Inside
     `window()`, `fresh_start` (its break growth and system call counted, as a fresh program's would be, but
     not timed), then the loop.
@@ -184,7 +205,7 @@ def measure_glibc(libc: ctypes.CDLL, trace: Trace, mode: str, settings: Sequence
     result["free_before"] = libc.mallinfo2().fordblks
     brk0 = libc.sbrk(0)
     with window():
-        fresh_start(libc, trace.ops)
+        fresh_start(libc, trace.ops, tcache)
         t0 = time.perf_counter()
         if mode == "time":
             replay(trace.ops, table, *api)

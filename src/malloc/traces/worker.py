@@ -19,7 +19,16 @@ import sys
 import traceback
 from typing import Any
 
-from .baselines import SelfTrace, from_foreign_call, from_mmap_module, glibc, measure_glibc, measure_mpheap, plug_glibc
+from .baselines import (
+    SelfTrace,
+    from_foreign_call,
+    from_mmap_module,
+    glibc,
+    measure_glibc,
+    measure_mpheap,
+    plug_glibc,
+    tcache_chunk,
+)
 from .formats import load
 from .opsfile import is_ops_file, read_ops
 from .replay import Json, Window, measure_ours
@@ -63,6 +72,7 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     # Whatever the replay needs is made now, before the C library's heap is prepared: glibc allocating
     # after the plug would grow its heap by a top pad that the replay then gets for free.
     libc = glibc()
+    tcache = tcache_chunk() if alloc == "glibc" else 0
     table: list[Any] = [None if alloc == "mpheap" else 0] * (trace.num_ids + 1)
     samples = [0] * trace.num_ops if series or (alloc == "ours" and mode == "footprint") else None
     gc.collect()  # garbage freed after the plug would leave holes in glibc's heap again
@@ -76,7 +86,7 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     if alloc == "ours":
         result.update(measure_ours(trace, mode, pairs, table, samples, window))
     elif alloc == "glibc":
-        result.update(measure_glibc(libc, trace, mode, pairs, table, samples, window))
+        result.update(measure_glibc(libc, trace, mode, pairs, table, tcache, samples, window))
     else:
         result.update(measure_mpheap(trace, mode, table, samples, window))
     gc.enable()
