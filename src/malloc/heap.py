@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import SupportsIndex
 
 from . import bins
 from .bins import H_BINS, H_LARGEMAP, H_SMALLMAP
@@ -173,7 +174,7 @@ class Heap:
 
     # ------------------------------------------------------- public interface
 
-    def malloc(self, n: int) -> int:
+    def malloc(self, n: SupportsIndex) -> int:
         """Address of a new block of at least `n` bytes, 16-byte aligned; MemoryError if none."""
         n = size_arg(n)
         if n > MAX_REQUEST:
@@ -185,7 +186,7 @@ class Heap:
             c = self.allocate(nb)
         return self.base + (c << 3) + HEADER
 
-    def calloc(self, count: int, size: int) -> int:
+    def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product is too large."""
         total = size_arg(count, "count") * size_arg(size)
         if total > MAX_REQUEST:
@@ -200,7 +201,7 @@ class Heap:
         self.zero_fresh(c, clean)
         return self.base + (c << 3) + HEADER
 
-    def free(self, p: int) -> None:
+    def free(self, p: SupportsIndex) -> None:
         """Free the block at `p` (0 does nothing); InvalidPointer or DoubleFree if it is not live."""
         p = address_arg(p)
         if not p:
@@ -208,7 +209,7 @@ class Heap:
         if self.release(self.chunk_of(p)) >= self.trim_threshold:
             self.trim(self.top_pad, "top chunk exceeds the trim threshold after a free")
 
-    def realloc(self, p: int, n: int) -> int:
+    def realloc(self, p: SupportsIndex, n: SupportsIndex) -> int:
         """Resize the block at `p` to `n` bytes, in place when possible; returns its (new) address.
 
         `realloc(0, n)` is `malloc(n)`; `realloc(p, 0)` frees `p` and returns 0.
@@ -233,7 +234,7 @@ class Heap:
         self.release(c)
         return q
 
-    def memalign(self, alignment: int, n: int) -> int:
+    def memalign(self, alignment: SupportsIndex, n: SupportsIndex) -> int:
         """A block of at least `n` bytes whose address is a multiple of `alignment` (a power of two)."""
         a = alignment_arg(alignment)
         n = size_arg(n)
@@ -249,7 +250,7 @@ class Heap:
             c = self.allocate(need)
         return self.base + (self.align_chunk(c, nb, a) << 3) + HEADER
 
-    def usable_size(self, p: int) -> int:
+    def usable_size(self, p: SupportsIndex) -> int:
         """Bytes usable in the live block at `p`."""
         c = self.chunk_of(address_arg(p))
         return (self._w[c + 1] & SIZE_MASK) - OVERHEAD
@@ -598,7 +599,7 @@ class Heap:
         if start < clean:
             libc.memset(self.base + (start << 3), 0, (min(end, clean) - start) << 3)
 
-    def trim(self, pad: int = 0, reason: str = "malloc_trim", *, inner: bool = False) -> bool:
+    def trim(self, pad: SupportsIndex = 0, reason: str = "malloc_trim", *, inner: bool = False) -> bool:
         """Give free memory back to the OS, keeping `pad` bytes in the top; True if anything went back.
 
         The top's whole pages beyond the pad leave the region (the break goes down when it can);

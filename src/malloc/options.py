@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import SupportsIndex
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -51,12 +52,12 @@ class Options:
     perturb: int = 0  # byte written over freed blocks (and its complement over new ones); 0 is off
     dynamic: bool = True  # the mmap threshold still follows freed mapped chunks
 
-    def mallopt(self, param: int, value: int) -> int:
+    def mallopt(self, param: SupportsIndex, value: SupportsIndex) -> int:
         """Set `param` (M_MMAP_THRESHOLD, ...) to `value`; returns 1 as glibc does on success.
 
         Unknown parameters and values glibc would refuse raise ValueError and change nothing.
         """
-        if param.__class__ is not int or value.__class__ is not int:
+        if type(param) is not int or type(value) is not int:
             raise TypeError("mallopt takes two integers")
         if param not in PARAM_NAMES:
             raise ValueError(f"unknown mallopt parameter {param}")

@@ -16,6 +16,7 @@ import threading
 import warnings
 from bisect import bisect_right
 from collections.abc import Iterator
+from typing import SupportsIndex
 
 from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
@@ -61,16 +62,15 @@ class ProcessAllocator:
 
     # ----------------------------------------------------------- allocation
 
-    def malloc(self, n: int) -> int:
+    def malloc(self, n: SupportsIndex) -> int:
         """Address of at least `n` usable bytes, 16-byte aligned; MemoryError when none can be had."""
-        if n.__class__ is not int or n < 0:
-            n = size_arg(n)
-        nb = (n + 23) & ~15 if n > 24 else MIN_CHUNK  # layout.request_to_size, written out on the hot path
+        size = n if type(n) is int and n >= 0 else size_arg(n)
+        nb = (size + 23) & ~15 if size > 24 else MIN_CHUNK  # layout.request_to_size, written out on the hot path
         if nb <= CACHE_MAX:
             p = self._cache_take(nb)
             if p:
                 if self._extra:
-                    self._after_malloc(p, n)
+                    self._after_malloc(p, size)
                 return p
         lock = self._lock
         lock.acquire()
@@ -78,12 +78,12 @@ class ProcessAllocator:
             if self._deferred:
                 self._free_deferred()
             main = self._main
-            c = main.allocate(nb) if main is not None and n <= MAX_REQUEST else 0
-            p = main.base + (c << 3) + HEADER if c else self._allocate(n, nb, False)  # type: ignore[union-attr]
+            c = main.allocate(nb) if main is not None and size <= MAX_REQUEST else 0
+            p = main.base + (c << 3) + HEADER if c else self._allocate(size, nb, False)  # type: ignore[union-attr]
         finally:
             lock.release()
         if self._extra:
-            self._after_malloc(p, n)
+            self._after_malloc(p, size)
         return p
 
     def _after_malloc(self, p: int, n: int) -> None:
@@ -93,7 +93,7 @@ class ProcessAllocator:
         if self._requests is not None:
             self._requests[p] = n
 
-    def calloc(self, count: int, size: int) -> int:
+    def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product overflows.
 
         Memory fresh from the OS (a new mapping, or the top beyond the heap's clean mark) is not zeroed again.
@@ -266,23 +266,22 @@ class ProcessAllocator:
 
     # ---------------------------------------------------------------- free
 
-    def free(self, p: int) -> None:
+    def free(self, p: SupportsIndex) -> None:
         """Free the block at `p`; `free(0)` does nothing. InvalidPointer or DoubleFree if `p` is not live."""
-        if p.__class__ is not int or p < 0:
-            p = address_arg(p)
-        if not p:
+        ptr = p if type(p) is int and p >= 0 else address_arg(p)
+        if not ptr:
             return
         main = self._main
-        c = main.find_chunk(p) if main is not None else 0
+        c = main.find_chunk(ptr) if main is not None else 0
         if c:
             # The common case needs no lock: a live small block of the main heap joins the fast cache.
             # Only the block's own header and its successor's are read, which no other thread may change.
             sz = main._w[c + 1] & SIZE_MASK  # type: ignore[union-attr]
-            if sz <= CACHE_MAX and self._cache_put(p, sz):
+            if sz <= CACHE_MAX and self._cache_put(ptr, sz):
                 return
         lock = self._lock
         if lock._is_owned():  # type: ignore[attr-defined]
-            self._deferred.append(p)  # nested in our own call (a finalizer): free it on the way out
+            self._deferred.append(ptr)  # nested in our own call (a finalizer): free it on the way out
             return
         lock.acquire()
         try:
@@ -291,7 +290,7 @@ class ProcessAllocator:
             if c:
                 self._release(main, c, sz)  # type: ignore[arg-type]
             else:
-                self._free(p)
+                self._free(ptr)
         finally:
             lock.release()
 
@@ -367,7 +366,7 @@ class ProcessAllocator:
 
     # ------------------------------------------------------------- resizing
 
-    def realloc(self, p: int, n: int) -> int:
+    def realloc(self, p: SupportsIndex, n: SupportsIndex) -> int:
         """Resize the block at `p` to `n` bytes; returns its address, which may have moved.
 
         `realloc(0, n)` is `malloc(n)` and `realloc(p, 0)` frees `p` and returns 0. A block grows in place
@@ -430,16 +429,16 @@ class ProcessAllocator:
         self._note_system()
         return p2
 
-    def memalign(self, alignment: int, n: int) -> int:
+    def memalign(self, alignment: SupportsIndex, n: SupportsIndex) -> int:
         """A block of at least `n` bytes at a multiple of `alignment` (a power of two)."""
-        p = self._memalign(alignment, n)
+        a = alignment_arg(alignment)
+        size = size_arg(n)
+        p = self._memalign(a, size)
         if self._requests is not None:
-            self._requests[p] = n
+            self._requests[p] = size
         return p
 
-    def _memalign(self, alignment: int, n: int) -> int:
-        a = alignment_arg(alignment)
-        n = size_arg(n)
+    def _memalign(self, a: int, n: int) -> int:
         if a <= 16:
             return self.malloc(n)
         if n > MAX_REQUEST or a > MAX_REQUEST:
@@ -457,7 +456,7 @@ class ProcessAllocator:
 
     # ------------------------------------------------------------ questions
 
-    def usable_size(self, p: int) -> int:
+    def usable_size(self, p: SupportsIndex) -> int:
         """Bytes usable in the live block at `p` (0 for address 0)."""
         p = address_arg(p)
         if not p:
@@ -469,17 +468,16 @@ class ProcessAllocator:
             heap, c = self._live_chunk(p)
             return (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
 
-    def view(self, p: int, n: int | None = None) -> memoryview:
+    def view(self, p: SupportsIndex, n: SupportsIndex | None = None) -> memoryview:
         """A writable memoryview of the live block at `p`: its first `n` bytes, by default all of it.
 
         The view is valid until the block is freed; using it after that is use-after-free.
         """
         usable = self.usable_size(p)
+        p = address_arg(p)
         if not p:
             raise InvalidPointer("cannot view address 0")
-        if n is None:
-            n = usable
-        n = size_arg(n)
+        n = usable if n is None else size_arg(n)
         if n > usable:
             raise ValueError(f"the block at {p:#x} has {usable} usable bytes, not {n}")
         return libc.memory_view(p, n)
@@ -579,7 +577,7 @@ class ProcessAllocator:
 
     # ------------------------------------------------------ giving memory back
 
-    def trim(self, pad: int = 0) -> bool:
+    def trim(self, pad: SupportsIndex = 0) -> bool:
         """Give free memory back to the OS now; True if anything was released (malloc_trim).
 
         Empties the fast cache into the heaps first, then releases each heap's top beyond `pad`
@@ -601,7 +599,7 @@ class ProcessAllocator:
 
     # ------------------------------------------------------------- settings
 
-    def mallopt(self, param: int, value: int) -> int:
+    def mallopt(self, param: SupportsIndex, value: SupportsIndex) -> int:
         """Change a setting under glibc's rules (see `options`); returns 1."""
         with self._lock:
             result = self.options.mallopt(param, value)
