@@ -24,8 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import malloc
+
 TESTS_DIR = Path(__file__).resolve().parent
-SRC_DIR = TESTS_DIR.parent / "src"
+# Where the `malloc` the tests import comes from (the checkout's src, or a compiled build put first on the
+# path), so that children run the same build.
+SRC_DIR = Path(malloc.__file__).resolve().parent.parent
 
 # glibc's mallopt parameters (the same numbers as malloc.M_*; repeated so this module stands alone).
 _M_TRIM_THRESHOLD = -1
