@@ -18,6 +18,7 @@ Throughput is only meaningful as a ratio measured in the same run on the same ma
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "src") not in sys.path:
+if importlib.util.find_spec("malloc") is None:
     sys.path.insert(0, str(ROOT / "src"))  # runnable from a checkout without installing
 
 from malloc.traces.formats import load  # noqa: E402
@@ -97,6 +98,15 @@ def summary(results: Sequence[TraceResult]) -> str:
     return "\n".join(lines)
 
 
+def engine_build() -> str:
+    """Which build of the engine the workers run: "compiled (mypyc)" or "interpreted", and from where."""
+    import malloc.heap
+
+    where = Path(malloc.heap.__file__ or "?")
+    kind = "interpreted" if where.suffix == ".py" else "compiled (mypyc)"
+    return f"{kind}, {where.parent.parent}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("traces", nargs="*", type=Path,
@@ -125,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if not plan.use_strace:
         print("note: strace is not installed, so glibc's system calls (and that target) are not measured",
               file=sys.stderr)
+    build = engine_build()
+    print(f"engine: {build}")
     start = time.perf_counter()
     results, interrupted = replay_traces(paths, traces, plan,
                                          done=lambda _, r: print(f"  {r.trace}: done", file=sys.stderr, flush=True))
@@ -143,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = report_json(results, plan, elapsed, interrupted)
         data["targets"] = {r.trace: vars(check_targets(r)) for r in results}
+        data["engine"] = build
         Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
     if interrupted:
         return 130
