@@ -5,9 +5,8 @@ size goes onto its size's list (at most `CACHE_COUNT` of them), and a request of
 last one back. Cached blocks stay in use as far as their heap knows, so they are not coalesced; before a
 request is sent to the OS, the process allocator gives back to the heaps the cached blocks that could
 serve it (alone, or coalesced with their free neighbours), and keeps the rest, as glibc keeps its tcache's
-chunks. Larger caches (up to 64 KiB, 32 blocks a size)
-were measured: twice the hits on the compiler traces, but several top pads more footprint on the random
-ones, so the sizes stay tcache's.
+chunks. Larger caches (up to 64 KiB, 32 blocks a size) were measured: twice the hits on the compiler
+traces, but several top pads more footprint on the random ones, so the sizes stay tcache's.
 
 Its lists and set are touched with single `list.pop`/`list.append`/`set.add` calls, each atomic under
 the GIL, so the process allocator uses it without taking its lock.
