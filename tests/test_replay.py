@@ -35,7 +35,7 @@ from malloc.traces.formats import ALLOC, FREE, REALLOC, load, peak_live
 from malloc.traces.lab import run_worker
 from malloc.traces.opsfile import write_ops
 from malloc.traces.record import RecordError, find_compiler
-from malloc.traces.replay import live_bytes
+from malloc.traces.replay import live_bytes, replay_verified
 from malloc.traces.settings import SettingError, parse_setting
 
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
@@ -225,6 +225,16 @@ def test_the_mpheap_verifier_finds_blocks_that_overlap() -> None:
     with pytest.raises(AssertionError, match=damage):
         replay_mpheap_verified(ops, [None] * 3, SameBytes())
     replay_mpheap_verified([(ALLOC, 0, 100), (REALLOC, 0, 300), (FREE, 0, 0)], [None] * 2, SameBytes())
+
+
+def test_the_address_verifier_finds_blocks_that_overlap() -> None:
+    """The same for a C-style allocator whose malloc hands out one address every time."""
+    buffer = ctypes.create_string_buffer(4096)
+    address = ctypes.addressof(buffer)
+    ops = [(ALLOC, 0, 100), (ALLOC, 1, 100), (FREE, 0, 0)]
+    damage = rf"op 2: block 0 at {address:#x} \(100 bytes\) was overwritten before free"
+    with pytest.raises(AssertionError, match=damage):
+        replay_verified(ops, [0] * 3, lambda n: address, lambda p: None, lambda p, n: address)
 
 
 @pytest.mark.parametrize(("setting", "message"), [

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..inspect.maps import read_maps, read_start_brk
 from .formats import ALLOC, FREE, REALLOC, Op, Trace
-from .replay import Json, Window, pattern, replay, replay_verified
+from .replay import Json, Window, pattern, replay, replay_checked, replay_verified
 
 IS_MMAPPED = 2  # in glibc's chunk size word, 8 bytes before the block
 PREV_INUSE = 1
@@ -252,34 +252,19 @@ def replay_mpheap(ops: Sequence[Op], table: list[Any], heap: Any) -> None:
 
 
 def replay_mpheap_verified(ops: Sequence[Op], table: list[Any], heap: Any) -> None:
-    """`replay_mpheap` writing each block's pattern over the bytes asked for, and checking it before every
-    free and realloc and after every realloc (min(old, new) bytes carried over); AssertionError names the
-    first damage. The same checks as `replay.replay_verified`, through the arenas' buffers."""
-    sizes = [0] * len(table)
+    """`replay.replay_checked` for `replay_mpheap`: each block's pattern is written over the bytes asked for
+    and checked through its arena's buffer."""
 
-    def check(k: int, i: int, n: int, what: str) -> None:
-        arena, start, _ = table[i]
-        if n and arena.buffer[start:start + n] != bytes((pattern(i),)) * n:
-            raise AssertionError(f"op {k}: block {i} (arena offset {start}, {n} bytes) was overwritten {what}")
-
-    for k, op in enumerate(ops):
-        code, i, n = op
-        old = sizes[i] if table[i] is not None else 0
-        if code != ALLOC and table[i] is not None:
-            check(k, i, old, "before " + ("realloc" if code == REALLOC else "free"))
-        replay_mpheap((op,), table, heap)
-        block = table[i]
-        if block is None:
-            sizes[i] = 0
-            continue
-        if code == REALLOC:
-            check(k, i, min(old, n), "in realloc (contents not carried over)")
-        sizes[i] = n
+    def fill(block: tuple[Any, int, int], i: int, n: int) -> None:
         arena, start, _ = block
         arena.buffer[start:start + n] = bytes((pattern(i),)) * n
-    for i, block in enumerate(table):
-        if block is not None:
-            check(len(ops), i, sizes[i], "by the end of the trace")
+
+    def intact(block: tuple[Any, int, int], i: int, n: int) -> bool:
+        arena, start, _ = block
+        return bool(arena.buffer[start:start + n] == bytes((pattern(i),)) * n)
+
+    replay_checked(ops, table, lambda op: replay_mpheap((op,), table, heap), fill, intact,
+                   lambda block, n: f"(arena offset {block[1]}, {n} bytes)")
 
 
 def measure_mpheap(trace: Trace, mode: str, table: list[Any], samples: list[int] | None = None,

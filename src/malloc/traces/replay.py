@@ -76,41 +76,59 @@ def pattern(ident: int) -> int:
     return ident % 251 + 1
 
 
-def replay_verified(ops: Sequence[Op], table: list[Any], malloc: Malloc, free: Free, realloc: Realloc) -> None:
-    """Replay writing each block's pattern over all of it, and check it before every free and realloc and
-    after every realloc (min(old, new) bytes carried over); AssertionError names the first damage."""
+def replay_checked(ops: Sequence[Op], table: list[Any], step: Callable[[Op], None],
+                   fill: Callable[[Any, int, int], None], intact: Callable[[Any, int, int], bool],
+                   where: Callable[[Any, int], str]) -> None:
+    """The verified replay, for any allocator: `step(op)` carries out one operation on `table` (a false entry
+    is NULL), `fill(block, i, n)` writes block i's pattern over its first n bytes, `intact(block, i, n)` says
+    whether they still hold it, and `where(block, n)` places the block in a report. Every block is filled
+    with its pattern and checked before every free and realloc and after every realloc (min(old, new) bytes
+    carried over); AssertionError names the first damage."""
     sizes = [0] * len(table)
+
+    def check(k: int, i: int, n: int, what: str) -> None:
+        block = table[i]
+        if n and not intact(block, i, n):
+            raise AssertionError(f"op {k}: block {i} {where(block, n)} was overwritten {what}")
+
+    for k, op in enumerate(ops):
+        code, i, n = op
+        old = sizes[i] if table[i] else 0
+        if code != ALLOC and table[i]:
+            check(k, i, old, "before " + ("realloc" if code == REALLOC else "free"))
+        step(op)
+        block = table[i]
+        sizes[i] = n if block else 0
+        if not block:
+            continue
+        if code == REALLOC:
+            check(k, i, min(old, n), "in realloc (contents not carried over)")
+        if n:
+            fill(block, i, n)
+    for i, block in enumerate(table):
+        if block:
+            check(len(ops), i, sizes[i], "by the end of the trace")
+
+
+def replay_verified(ops: Sequence[Op], table: list[Any], malloc: Malloc, free: Free, realloc: Realloc) -> None:
+    """`replay_checked` for a C-style allocator: blocks are addresses, filled with memset and checked with
+    memcmp, so that no check copies a block into a Python object, which would allocate from the C library
+    mid-replay."""
     memcmp = ctypes.CDLL(None).memcmp
     memcmp.restype = ctypes.c_int
     memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
-    def check(k: int, i: int, p: int, n: int, what: str) -> None:
-        # Every byte equals the first (the block against itself shifted by one) and the first is the
-        # pattern; no copy into a Python object, which would allocate from the C library mid-replay.
-        if n and (ctypes.c_ubyte.from_address(p).value != pattern(i) or memcmp(p, p + 1, n - 1)):
-            raise AssertionError(f"op {k}: block {i} at {p:#x} ({n} bytes) was overwritten {what}")
+    def step(op: Op) -> None:
+        replay((op,), table, malloc, free, realloc)
 
-    for k, (code, i, n) in enumerate(ops):
-        p = table[i]
-        if code != ALLOC and p:
-            check(k, i, p, sizes[i], "before " + ("realloc" if code == REALLOC else "free"))
-        if code == ALLOC:
-            p = malloc(n)
-        elif code == REALLOC:
-            old = sizes[i] if p else 0
-            p = realloc(p, n)
-            if p:
-                check(k, i, p, min(old, n), "in realloc (contents not carried over)")
-        else:
-            free(p)
-            p = 0
-        table[i] = p
-        sizes[i] = n if p else 0
-        if p and n:
-            ctypes.memset(p, pattern(i), n)
-    for i, p in enumerate(table):
-        if p:
-            check(len(ops), i, p, sizes[i], "by the end of the trace")
+    def fill(p: int, i: int, n: int) -> None:
+        ctypes.memset(p, pattern(i), n)
+
+    def intact(p: int, i: int, n: int) -> bool:
+        # every byte equals the first (the block against itself shifted by one), and the first is the pattern
+        return ctypes.c_ubyte.from_address(p).value == pattern(i) and not memcmp(p, p + 1, n - 1)
+
+    replay_checked(ops, table, step, fill, intact, lambda p, n: f"at {p:#x} ({n} bytes)")
 
 
 def syscall_kinds(counts: dict[str, int]) -> dict[str, int]:
