@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The replay benchmark: every shared trace through ours, glibc and multiprocessing.heap, against issue 4's targets.
+"""The replay benchmark: every trace in traces/ through ours, glibc and multiprocessing.heap, against issue 4's targets.
 
     python bench/replay.py [--self-check] [--verify] [--repeats N] [--json PATH] [TRACE ...]
 
@@ -35,7 +35,7 @@ from malloc.traces.formats import load  # noqa: E402
 from malloc.traces.lab import Plan, TraceResult, replay_traces, report_json, self_check  # noqa: E402
 from malloc.traces.table import geomean, number, ratio, render  # noqa: E402
 
-TRACES = ROOT.parent / "shared" / "traces"
+TRACES = ROOT / "traces"
 PATTERNS = ("rep/*.rep", "mtrace/*.mtrace")
 THROUGHPUT_TARGET = 2.0  # ours / mpheap, geometric mean
 SYSCALL_FACTOR = 2  # at most this many times glibc's count ...

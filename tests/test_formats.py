@@ -1,4 +1,4 @@
-"""Trace formats: every shared trace parses, the edge cases mean what they should, malformed files are refused
+"""Trace formats: every trace in traces/ parses, the edge cases mean what they should, malformed files are refused
 with the file, the line and the fault, and conversions keep the requests."""
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from malloc.traces.formats import (
 )
 
 DATA = Path(__file__).parent / "data"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
-REP_FILES = sorted((SHARED / "rep").glob("*.rep"))
-MTRACE_FILES = sorted((SHARED / "mtrace").glob("*.mtrace"))
+TRACES = Path(__file__).resolve().parents[1] / "traces"
+REP_FILES = sorted((TRACES / "rep").glob("*.rep"))
+MTRACE_FILES = sorted((TRACES / "mtrace").glob("*.mtrace"))
 README_EXAMPLE = (
     (ALLOC, 0, 512),
     (ALLOC, 1, 128),
@@ -82,13 +82,13 @@ def lifetimes(trace: Trace) -> list[Op]:
     return out
 
 
-def test_the_shared_traces_are_there() -> None:
-    assert len(REP_FILES) >= 17, f"expected the malloc-lab traces in {SHARED / 'rep'}"
-    assert MTRACE_FILES, f"expected an mtrace log in {SHARED / 'mtrace'}"
+def test_the_traces_are_there() -> None:
+    assert len(REP_FILES) >= 17, f"expected the malloc-lab traces in {TRACES / 'rep'}"
+    assert MTRACE_FILES, f"expected an mtrace log in {TRACES / 'mtrace'}"
 
 
 @pytest.mark.parametrize("path", REP_FILES, ids=lambda p: p.name)
-def test_every_shared_rep_parses_to_its_header_and_lines(path: Path) -> None:
+def test_every_rep_parses_to_its_header_and_lines(path: Path) -> None:
     lines = path.read_text().split("\n")
     trace = parse_rep(path)
     assert trace.name == path.stem
@@ -103,7 +103,7 @@ def test_every_shared_rep_parses_to_its_header_and_lines(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", MTRACE_FILES, ids=lambda p: p.name)
-def test_every_shared_mtrace_parses_into_blocks_that_are_live_when_used(path: Path) -> None:
+def test_every_mtrace_parses_into_blocks_that_are_live_when_used(path: Path) -> None:
     events = Counter(event_of(line) for line in path.read_text().splitlines() if not line.startswith("="))
     trace = parse_mtrace(path)
     assert trace.name == path.stem
@@ -142,7 +142,7 @@ def test_both_header_variants_and_a_header_on_fewer_lines(name: str) -> None:
 
 
 def test_corners_rep_means_what_the_readme_says() -> None:
-    trace = parse_rep(SHARED / "rep" / "corners.rep")
+    trace = parse_rep(TRACES / "rep" / "corners.rep")
     assert trace.ops[0] == (FREE, -1, 0)  # free(NULL)
     assert (ALLOC, 5, 52428800) in trace.ops  # a 50 MB block
     assert (REALLOC, 6, 10) in trace.ops  # realloc of an id never allocated (a malloc in a replay)
@@ -270,7 +270,7 @@ def test_round_trip_rep_mtrace_rep_keeps_the_requests(path: Path, tmp_path: Path
 
 
 def test_conversion_writes_glibcs_forms_of_the_corner_cases(tmp_path: Path) -> None:
-    trace = parse_rep(SHARED / "rep" / "corners.rep")
+    trace = parse_rep(TRACES / "rep" / "corners.rep")
     write_mtrace(trace, tmp_path / "c.mtrace")
     back = parse_mtrace(tmp_path / "c.mtrace")
     assert back.ops[0] == (FREE, -1, 0)  # written as "- (nil)"

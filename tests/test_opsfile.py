@@ -1,4 +1,4 @@
-"""The lab's binary form of a trace: it round-trips every shared trace, refuses damaged files, and a worker
+"""The lab's binary form of a trace: it round-trips every trace in traces/, refuses damaged files, and a worker
 reading it leaves glibc's dynamic mmap threshold where it was (parsing the trace itself raised it)."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from malloc.traces.model import TraceError
 from malloc.traces.opsfile import MAGIC, is_ops_file, read_ops, write_ops
 from malloc.traces.worker import RESERVE
 
-TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
-SHARED = sorted([*TRACES.glob("rep/*.rep"), *TRACES.glob("mtrace/*.mtrace")])
+TRACES = Path(__file__).resolve().parent.parent / "traces"
+ALL = sorted([*TRACES.glob("rep/*.rep"), *TRACES.glob("mtrace/*.mtrace")])
 
 
-@pytest.mark.parametrize("path", SHARED, ids=lambda p: p.name)
-def test_every_shared_trace_round_trips(path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+def test_every_trace_round_trips(path: Path, tmp_path: Path) -> None:
     trace = load(path)
     write_ops(trace, tmp_path / "t.ops")
     assert is_ops_file(tmp_path / "t.ops") and not is_ops_file(path)

@@ -38,7 +38,7 @@ from malloc.traces.record import RecordError, find_compiler
 from malloc.traces.replay import live_bytes, replay_verified
 from malloc.traces.settings import SettingError, parse_setting
 
-TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parent.parent / "traces"  # the repository's own copies
 BIG = 1_000_000  # far above any mmap threshold glibc or ours start with
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 
@@ -151,7 +151,7 @@ def test_glibcs_footprint_is_a_fresh_c_programs(name: str, tmp_path: Path) -> No
     """The lab's glibc, replaying in an interpreter after the plug and `fresh_start`, has the peak footprint
     of the same trace replayed by a compiled C program of its own (tests/data/glibc_replay.c). Without
     `fresh_start` glibc lacked the tcache a fresh program's first malloc puts in its heap, and its peak was
-    off by a page or a top pad either way on 7 of the 18 shared traces (cccp one page lower, random-bal
+    off by a page or a top pad either way on 7 of the 18 traces in traces/ (cccp one page lower, random-bal
     31 pages higher, coalescing-bal a page higher)."""
     try:
         compiler = find_compiler()
@@ -195,7 +195,7 @@ def test_set_raises_the_threshold_so_the_block_comes_from_the_break(tmp_path: Pa
     assert "settings for ours and glibc: M_MMAP_THRESHOLD=2000000" in out.stderr
 
 
-def test_verify_finds_nothing_on_shared_traces() -> None:
+def test_verify_finds_nothing_on_real_traces() -> None:
     paths = [TRACES / "rep" / f"{name}.rep" for name in ("short1-bal", "short2-bal", "perl")]
     out = replay(*paths, "--against", "glibc,mpheap", "--repeats", "1", "--verify", "--json")
     assert out.returncode == 0, out.stdout + out.stderr

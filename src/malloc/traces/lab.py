@@ -42,7 +42,7 @@ from .worker import START
 
 BASELINES = ("glibc", "mpheap")
 PLUGGED_FREE = 64  # free bytes glibc may hold when a replay begins: its top, taken down to the minimum
-WORKER_TIMEOUT = 600.0  # seconds for one replay; the slowest shared trace takes a few
+WORKER_TIMEOUT = 600.0  # seconds for one replay; the slowest trace in traces/ takes a few
 # The package's parent directory: workers import this very copy of malloc, installed or not.
 _PACKAGE_ROOT = str(Path(malloc.__file__).resolve().parent.parent)
 
