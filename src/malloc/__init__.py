@@ -11,17 +11,20 @@ integers usable with ctypes, memoryview (`view`) and numpy.
     >>> malloc.free(p)
 """
 
-from __future__ import annotations
-
+# Helpers are imported under private names, and `from __future__ import annotations` is not used (it would
+# leave a module attribute `annotations`): `dir(malloc)` shows the API only (see `__dir__` below).
 import os as _os
-import sys
-from typing import TextIO
+import sys as _sys
+from typing import TextIO as _TextIO
 
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
-from .heap import Chunk, Heap, size_arg
-from .info import MallInfo, format_stats
+from .heap import Chunk, Heap
+from .heap import size_arg as _size_arg
+from .info import MallInfo
+from .info import format_stats as _format_stats
 from .options import M_MMAP_MAX, M_MMAP_THRESHOLD, M_PERTURB, M_TOP_PAD, M_TRIM_THRESHOLD, Options
-from .os.events import Event, Recorder
+from .os.events import Event
+from .os.events import Recorder as _Recorder
 from .os.libc import PAGE_SIZE as _PAGE
 from .process import ProcessAllocator
 from .region import BreakRegion, BufferRegion, MapRegion, Region
@@ -102,10 +105,12 @@ def malloc_info() -> str:
     return report(allocator)
 
 
-def trace() -> Recorder:
+def trace() -> _Recorder:
     """`with malloc.trace() as calls:` collects into the list `calls` an `Event` for every system call the
     allocator makes inside the block (name, args, result, reason, time). Costs nothing when none is active."""
-    return Recorder()
+    return _Recorder()
+
+
 trim = allocator.trim
 
 
@@ -116,7 +121,7 @@ def aligned_alloc(alignment: int, size: int) -> int:
 
 def posix_memalign(alignment: int, size: int) -> int:
     """`memalign` that also requires `alignment` to be a multiple of the pointer size, as POSIX does."""
-    if size_arg(alignment, "alignment") % 8:
+    if _size_arg(alignment, "alignment") % 8:
         raise ValueError(f"alignment must be a multiple of 8, not {alignment}")
     return allocator.memalign(alignment, size)
 
@@ -128,13 +133,13 @@ def valloc(size: int) -> int:
 
 def pvalloc(size: int) -> int:
     """A page-aligned block whose size is rounded up to whole pages (at least one)."""
-    n = size_arg(size)
+    n = _size_arg(size)
     return allocator.memalign(_PAGE, max(_PAGE, (n + _PAGE - 1) & ~(_PAGE - 1)))
 
 
 def reallocarray(p: int, count: int, size: int) -> int:
     """`realloc(p, count * size)`, with a MemoryError instead of an overflowing product."""
-    total = size_arg(count, "count") * size_arg(size)
+    total = _size_arg(count, "count") * _size_arg(size)
     if total >= 1 << 63:
         raise MemoryError(f"reallocarray: {count} * {size} overflows")
     return allocator.realloc(p, total)
@@ -145,16 +150,42 @@ def malloc_trim(pad: int = 0) -> int:
     return int(allocator.trim(pad))
 
 
-def stats(file: TextIO | None = None) -> None:
+def stats(file: _TextIO | None = None) -> None:
     """Print a malloc_stats-like report: per heap, then totals with the mapped chunks and the fast cache.
 
     It goes to `file`, by default standard output.
     """
     info = allocator.mallinfo()
     heaps = [(h.region.kind, h.held, h.in_use, h.held - h.in_use) for h in allocator.heaps]
-    print(format_stats(info, heaps), file=sys.stdout if file is None else file)
+    print(_format_stats(info, heaps), file=_sys.stdout if file is None else file)
 
 
 def malloc_stats() -> None:
     """glibc's malloc_stats: the same report, on standard error."""
-    stats(sys.stderr)
+    stats(_sys.stderr)
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's), or "0+unknown" when the package runs from a
+    source tree that was never installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("malloc")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def __getattr__(name: str) -> str:
+    """`malloc.__version__`, read on first use: importing importlib.metadata costs about as much as importing
+    malloc itself, so `import malloc` does not pay for it."""
+    if name == "__version__":
+        version = globals()["__version__"] = _version()
+        return version
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API, `__version__` and the module's own dunders; not the submodules or helpers imported."""
+    dunders = [name for name in globals() if name.startswith("__") and name.endswith("__")]
+    return sorted({*__all__, *dunders, "__version__"})
