@@ -2,6 +2,7 @@
 `__all__` show the API, not the helpers the package imports for itself."""
 
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -48,3 +49,23 @@ def test_star_import_gives_exactly_all() -> None:
 def test_an_unknown_attribute_is_still_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no_such_function"):
         malloc.no_such_function  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_the_repository_carries_every_trace_its_docs_and_benchmark_name() -> None:
+    texts = [ROOT / "README.md", ROOT / "traces" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             ROOT / "bench" / "replay.py"]
+    named = {m for path in texts for m in re.findall(r"traces/(?:rep|mtrace)/[\w.-]+\.(?:rep|mtrace)",
+                                                      path.read_text())}
+    assert "traces/rep/amptjp-bal.rep" in named  # the README's replay example
+    assert [name for name in sorted(named) if not (ROOT / name).is_file()] == []
+    assert len(list((ROOT / "traces").glob("rep/*.rep"))) == 17
+    assert len(list((ROOT / "traces").glob("mtrace/*.mtrace"))) == 1
+
+
+def test_nothing_names_a_path_outside_the_repository() -> None:
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *(p for top in ("src", "tests", "bench") for p in sorted((ROOT / top).rglob("*.py")))]
+    outside = [f"{path.relative_to(ROOT)}:{n}" for path in files
+               for n, line in enumerate(path.read_text().splitlines(), 1)
+               if re.search(r"\.\./shared|/ \"shared\" /|parent\.parent\.parent|parents\[2\]", line)]
+    assert outside == []
