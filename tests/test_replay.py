@@ -270,6 +270,26 @@ def test_malformed_trace_is_refused_with_no_table(tmp_path: Path, capsys: pytest
     assert f"{bad}:6:" in err and "unknown op" in err
 
 
+def test_a_double_free_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write_rep(tmp_path / "good.rep", 1, ["a 0 10", "f 0"])
+    bad = write_rep(tmp_path / "bad.rep", 1, ["a 0 10", "f 0", "f 0"])
+    assert main(["replay", str(good), str(bad), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"malloc replay: error: {bad}:7: double free: id 0 was freed on line 6 and not allocated since\n"
+
+
+def test_an_odd_mtrace_log_is_replayed_with_its_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "odd.mtrace"
+    path.write_text("= Start\n+ 0x10 0x8\n- 0x10\n- 0x10\n= End\n")
+    out = replay(path, "--repeats", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stderr == (f"malloc replay: warning: {path}:4: free of 0x10, already freed on line 3 and not "
+                          "returned since (a double free, or an allocation missing from the log); the replay "
+                          "leaves this free out\n")
+    assert "odd: 2 operations" in out.stdout
+
+
 def test_unknown_baseline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_rep(tmp_path / "t.rep", 1, ["a 0 10", "f 0"])
     assert main(["replay", str(path), "--against", "glibc,jemalloc"]) == 2

@@ -81,7 +81,7 @@ def _parse(args: argparse.Namespace) -> tuple[Plan, list[Path]]:
 def run(args: argparse.Namespace) -> int:
     """Replay every trace, printing its table as soon as it is done; the exit status (1 if anything failed)."""
     from ..traces import plot as plotting
-    from ..traces.formats import load
+    from ..traces.formats import load, warnings_shown
     from ..traces.lab import replay_traces
     from ..traces.replay import live_bytes
     from ..traces.table import trace_table
@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
         # a TraceError's message names the file and line already
         print(f"malloc replay: error: {exc}", file=sys.stderr)
         return 2
+    for path, trace in zip(paths, traces, strict=True):
+        for warning in warnings_shown(trace, path):
+            print(f"malloc replay: warning: {warning}", file=sys.stderr)
     out = sys.stderr if args.json == "-" else sys.stdout
     plots = plotting.plot_paths(args.plot, [t.name for t in traces]) if args.plot is not None else []
     bar = ProgressBar(plan.runs_per_trace() * len(traces))
