@@ -151,9 +151,75 @@ def test_corners_rep_means_what_the_readme_says() -> None:
     assert peak_live(trace) == 10 + 52428800 + 10 + 200 + 50 + 100 + 100
 
 
-def test_peak_live_counts_a_leak_under_a_reused_id_and_realloc_to_zero_frees(tmp_path: Path) -> None:
-    path = write(tmp_path, "leak.rep", "0\n2\n5\n0\na 0 100\na 0 50\nr 0 0\na 1 70\nf 1\n")
-    assert peak_live(parse_rep(path)) == 100 + 70  # the first 100 leaked; the 50 went with the realloc to 0
+def test_peak_live_counts_a_leak_under_a_reused_id_and_realloc_to_zero_frees() -> None:
+    # no file can say this (a .rep file allocating a live id is refused): a trace made in code can
+    trace = Trace("leak", 2, ((ALLOC, 0, 100), (ALLOC, 0, 50), (REALLOC, 0, 0), (ALLOC, 1, 70), (FREE, 1, 0)))
+    assert peak_live(trace) == 100 + 70  # the first 100 leaked; the 50 went with the realloc to 0
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "what"),
+    [
+        ("a 0 8\nf 0\nf 0\n", 7, "double free: id 0 was freed on line 6 and not allocated since"),
+        ("a 0 8\nr 0 16\nf 0\nf 0\n", 8, "double free: id 0 was freed on line 7"),
+        ("f 1\na 1 8\nf 1\n", 5, "free of id 1 before its allocation (free(NULL) is 'f -1')"),
+        ("a 0 8\na 1 8\na 0 16\n", 7, "id 0 allocated twice: it is live since line 5"),
+        ("a 0 8\nr 0 16\na 0 4\n", 7, "id 0 allocated twice: it is live since line 6"),
+        ("a 0 8\nf 0\nr 0 16\n", 7, "realloc of id 0 after its free on line 6 (a use after free)"),
+    ],
+)
+def test_a_rep_misusing_an_id_names_file_line_and_fault(tmp_path: Path, body: str, line: int, what: str) -> None:
+    text = f"1\n2\n{body.count(chr(10))}\n0\n{body}"
+    assert_refused(parse_rep, write(tmp_path, "misuse.rep", text), line, what)
+
+
+def test_a_rep_may_do_what_c_allows_with_an_id(tmp_path: Path) -> None:
+    body = ["a 0 8", "f 0", "a 0 16",  # an id allocated again after its free
+            "r 1 8",  # realloc(NULL, 8): a malloc
+            "r 1 0", "f 1", "r 1 0", "r 1 4",  # realloc to 0 leaves NULL: free(NULL), realloc(NULL, 0), ...
+            "f -1", "f 0", "f 1"]
+    path = write(tmp_path, "fine.rep", "\n".join(["1", "2", str(len(body)), "0", *body]) + "\n")
+    trace = parse_rep(path)
+    assert trace.num_ops == len(body) and trace.warnings == ()
+
+
+def test_an_mtrace_log_of_events_no_thread_could_make_is_replayed_with_warnings(tmp_path: Path) -> None:
+    log = ["= Start", "+ 0x10 0x8", "- 0x10", "- 0x10", "- 0x99", "+ 0x20 0x8", "+ 0x20 0x9", "< 0x10",
+           "> 0x30 0x10", "- 0x30", "- 0x20", "= End"]
+    path = write(tmp_path, "odd.mtrace", "\n".join(log) + "\n")
+    trace = parse_mtrace(path)
+    assert trace.ops == (
+        (ALLOC, 0, 8),
+        (FREE, 0, 0),  # line 3; line 4, the second free of 0x10, is left out
+        (ALLOC, 0, 8),  # line 6
+        (FREE, 0, 0),  # line 7 returns 0x20 again: the block of line 6 is freed first
+        (ALLOC, 0, 9),
+        (ALLOC, 1, 16),  # the realloc of the freed 0x10 is a malloc
+        (FREE, 1, 0),
+        (FREE, 0, 0),
+    )
+    assert trace.skipped_frees == 1  # 0x99, never returned: a block from before the log, tolerated silently
+    assert trace.warnings == (
+        f"{path}:4: free of 0x10, already freed on line 3 and not returned since (a double free, or an "
+        "allocation missing from the log); the replay leaves this free out",
+        f"{path}:7: 0x20 returned while the block returned there on line 6 is live: its free is missing from "
+        "the log (a thread's free logged late?); the replay frees that block first",
+        f"{path}:8: realloc of 0x10, already freed on line 3 and not returned since (a use after free, or an "
+        "allocation missing from the log); the replay makes its new block a malloc",
+    )
+    # the warnings describe the file, not the requests
+    assert trace == Trace(trace.name, trace.num_ids, trace.ops, trace.skipped_frees)
+
+
+def test_convert_prints_the_warnings_and_how_many_were_not_shown(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    log = ["+ 0x10 0x8", "- 0x10"] + ["- 0x10"] * 7
+    path = write(tmp_path, "twice.mtrace", "\n".join(log) + "\n")
+    assert main(["convert", str(path), str(tmp_path / "twice.rep")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"malloc convert: warning: {path}:3: free of 0x10, already freed on line 2 and not returned "
+                      "since (a double free, or an allocation missing from the log); the replay leaves this free out")
+    assert len(err) == 6 and err[-1] == f"malloc convert: warning: {path}: 2 more warnings like these"
 
 
 @pytest.mark.parametrize(

@@ -277,6 +277,30 @@ def test_the_command_names_a_missing_process() -> None:
     assert out.returncode == 1 and "no process" in out.stderr
 
 
+def _maps_command(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run([sys.executable, "-m", "malloc", "maps", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_the_command_takes_self_as_the_error_for_a_bad_pid_offers() -> None:
+    refused = _maps_command("0")
+    assert refused.returncode == 1 and "'self'" in refused.stderr
+    out = _maps_command("self", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    # this process (the command's own), with the allocator's ranges marked, as with no pid at all
+    assert doc["pid"] > 0 and doc["break"]["exact"] is True
+    assert _maps_command("myself").returncode == 2
+
+
+@pytest.mark.parametrize("runs", ["1", "0", "-3"])
+def test_the_command_refuses_fewer_than_two_aslr_runs(runs: str) -> None:
+    out = _maps_command("--aslr", runs)
+    assert out.returncode == 2 and out.stdout == ""
+    assert f"--aslr needs at least 2 runs, not {runs}" in out.stderr
+
+
 # ---------------------------------------------------------------------------------------------- ASLR
 
 def test_aslr_sample_of_three_runs() -> None:

@@ -73,7 +73,7 @@ def test_one_mapped_block_figures_and_json(tmp_path: Path) -> None:
     path = write_rep(tmp_path / "big.rep", 1, [f"a 0 {BIG}", "f -1", "f 0"])
     out = replay(path, "--against", "glibc,mpheap", "--repeats", "1", "--json", tmp_path / "out.json")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "big: 3 operations, peak live 1,000,000 bytes" in out.stdout
+    assert "big.rep: 3 operations, peak live 1,000,000 bytes" in out.stdout
     data = json.loads((tmp_path / "out.json").read_text())
     assert set(data) >= {"repeats", "against", "settings", "strace", "elapsed_s", "interrupted", "traces"}
     (t,) = data["traces"]
@@ -270,6 +270,26 @@ def test_malformed_trace_is_refused_with_no_table(tmp_path: Path, capsys: pytest
     assert f"{bad}:6:" in err and "unknown op" in err
 
 
+def test_a_double_free_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write_rep(tmp_path / "good.rep", 1, ["a 0 10", "f 0"])
+    bad = write_rep(tmp_path / "bad.rep", 1, ["a 0 10", "f 0", "f 0"])
+    assert main(["replay", str(good), str(bad), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"malloc replay: error: {bad}:7: double free: id 0 was freed on line 6 and not allocated since\n"
+
+
+def test_an_odd_mtrace_log_is_replayed_with_its_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "odd.mtrace"
+    path.write_text("= Start\n+ 0x10 0x8\n- 0x10\n- 0x10\n= End\n")
+    out = replay(path, "--repeats", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stderr == (f"malloc replay: warning: {path}:4: free of 0x10, already freed on line 3 and not "
+                          "returned since (a double free, or an allocation missing from the log); the replay "
+                          "leaves this free out\n")
+    assert "odd.mtrace: 2 operations" in out.stdout
+
+
 def test_unknown_baseline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_rep(tmp_path / "t.rep", 1, ["a 0 10", "f 0"])
     assert main(["replay", str(path), "--against", "glibc,jemalloc"]) == 2
@@ -282,12 +302,33 @@ def test_plot_writes_one_svg_per_trace(tmp_path: Path) -> None:
     b = TRACES / "rep" / "short1-bal.rep"
     out = replay(a, b, "--against", "glibc,mpheap", "--repeats", "1", "--plot", tmp_path / "fig.svg")
     assert out.returncode == 0, out.stdout + out.stderr
-    for name in ("a", "short1-bal"):
+    for name in ("a.rep", "short1-bal.rep"):
         root = ET.parse(tmp_path / f"fig-{name}.svg").getroot()
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
         text = "".join(root.itertext())
         assert "live bytes" in text and "ours footprint" in text and "glibc footprint" in text
     assert not (tmp_path / "fig.svg").exists()
+
+
+def test_two_traces_of_one_stem_get_their_own_tables_plots_and_a_summary(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rep = write_rep(tmp_path / "x.rep", 2, ["a 0 5000", "a 1 300000", "f 0", "f 1"])
+    assert main(["convert", str(rep), str(tmp_path / "x.mtrace")]) == 0
+    out = replay(rep, tmp_path / "x.mtrace", "--against", "glibc", "--repeats", "1", "--plot", tmp_path / "fig.svg")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("x.rep", "x.mtrace"):
+        assert f"\n{name}: 4 operations, peak live 305,000 bytes\n" in "\n" + out.stdout
+        assert f"plot: {tmp_path / f'fig-{name}.svg'}" in out.stdout
+        text = "".join(ET.parse(tmp_path / f"fig-{name}.svg").getroot().itertext())
+        assert f"{name}: 4 operations" in text and "KiB" in text
+    summary = out.stdout[out.stdout.index("summary of 2 traces"):].splitlines()
+    rows = summary[2:6]
+    assert [row.split(" ours/")[0].strip() for row in rows] == ["peak footprint", "utilization", "system calls",
+                                                                "ops/s"]
+    for row in rows:
+        *_, wins, ties, losses, mean = row.split()
+        assert int(wins) + int(ties) + int(losses) == 2 and float(mean) > 0
+    assert "better for ours below 1 in footprint" in summary[6]
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
@@ -342,7 +383,7 @@ def test_ctrl_c_prints_the_traces_done_and_leaves_no_worker(tmp_path: Path) -> N
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(2)]  # the first trace's title and table head
-        assert lines[0].startswith("quick: 2 operations"), lines
+        assert lines[0].startswith("quick.rep: 2 operations"), lines
         deadline = time.monotonic() + 30
         files: list[str] = []
         while not files and time.monotonic() < deadline:

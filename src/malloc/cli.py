@@ -3,12 +3,17 @@
 A subcommand's module is imported only when that subcommand runs, so `malloc record` does not start the
 allocator and `malloc --help` stays quick. Each module has `add_arguments(parser)` and `run(args) -> int` (the exit
 status); its one-line help is in COMMANDS.
+
+When standard output is a pipe whose reader has gone (`malloc tour | head -2`), the command stops quietly, as
+Unix tools do: no message, no traceback, and the exit status 141 that a shell reports for a process killed by
+SIGPIPE (128 + 13), so that `set -o pipefail` sees the same as for `yes | head`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from types import ModuleType
 
@@ -21,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "maps": ("maps", "a process's address space drawn top-down (or --json), and ASLR across fresh runs (--aslr N)"),
     "heap": ("heap", "this process's heap chunk by chunk: a colour strip, an HTML page (--html) or XML (--xml)"),
 }
+BROKEN_PIPE_STATUS = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 
 
 def _module(name: str) -> ModuleType:
@@ -28,7 +34,23 @@ def _module(name: str) -> ModuleType:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `argv` (default: sys.argv[1:]) and run the subcommand; returns its exit status."""
+    """Parse `argv` (default: sys.argv[1:]) and run the subcommand; returns its exit status (BROKEN_PIPE_STATUS,
+    quietly, when standard output's reader has gone)."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # a reader gone shows here, where it is caught, rather than at the interpreter's exit
+    except BrokenPipeError:
+        # Python ignores SIGPIPE, so every later write (the interpreter's last flush included) would fail
+        # again: the rest goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_STATUS
+
+
+def _run(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="malloc", description="A real memory allocator in Python.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status: int = _module(args.command).run(args)
+    except BrokenPipeError:
+        raise
     except OSError as exc:  # a file that cannot be read or written: say which, without a traceback
         print(f"malloc {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -21,3 +21,12 @@ def size_approx(n: int) -> str:
             value = n / scale
             return f"{value:.0f} {unit}" if value >= 100 or value == int(value) else f"{value:.1f} {unit}"
     return f"{n} B"
+
+
+def scale_for(n: int) -> tuple[int, str]:
+    """The binary unit to show sizes up to `n` in, as (bytes per unit, its name): the largest unit not above
+    `n`, so that the top of a plot's axis reads from 1 to 1023 ((1 << 20, "MiB") for 5,000,000)."""
+    for scale, unit in _UNITS:
+        if n >= scale:
+            return scale, unit
+    return 1, "bytes"

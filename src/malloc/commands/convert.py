@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert, print one line saying what was written (and what was left out); 1 on a bad input."""
-    from ..traces.formats import TraceError, format_of, load, save, suffix_format
+    from ..traces.formats import TraceError, format_of, load, save, suffix_format, warnings_shown
 
     try:
         target = args.to or suffix_format(args.output)
@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, TraceError, ValueError) as e:
         print(f"malloc convert: {e}", file=sys.stderr)
         return 1
+    for warning in warnings_shown(trace, args.input):
+        print(f"malloc convert: warning: {warning}", file=sys.stderr)
     print(f"{args.input} ({source}) -> {args.output} ({target}): {trace.num_ops} requests, {trace.num_ids} ids")
     if trace.skipped_frees:
         print(f"left out: {trace.skipped_frees} frees of blocks allocated before the log began")

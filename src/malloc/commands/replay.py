@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "then going to standard error; before a trace name, write --json=FILE or --json -)")
     parser.add_argument("--plot", metavar="FILE.svg",
                         help="draw live bytes and footprints per operation (one trace: FILE.svg; several: "
-                             "FILE-<trace>.svg each); needs the extra 'plot'")
+                             "FILE-<trace file name>.svg each); needs the extra 'plot'")
     parser.add_argument("--verify", action="store_true",
                         help="also replay writing a pattern over every block and checking it")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
@@ -81,10 +81,10 @@ def _parse(args: argparse.Namespace) -> tuple[Plan, list[Path]]:
 def run(args: argparse.Namespace) -> int:
     """Replay every trace, printing its table as soon as it is done; the exit status (1 if anything failed)."""
     from ..traces import plot as plotting
-    from ..traces.formats import load
+    from ..traces.formats import load, warnings_shown
     from ..traces.lab import replay_traces
     from ..traces.replay import live_bytes
-    from ..traces.table import trace_table
+    from ..traces.table import summary_table, trace_label, trace_table
 
     try:
         plan, paths = _parse(args)
@@ -95,15 +95,19 @@ def run(args: argparse.Namespace) -> int:
         # a TraceError's message names the file and line already
         print(f"malloc replay: error: {exc}", file=sys.stderr)
         return 2
+    for path, trace in zip(paths, traces, strict=True):
+        for warning in warnings_shown(trace, path):
+            print(f"malloc replay: warning: {warning}", file=sys.stderr)
     out = sys.stderr if args.json == "-" else sys.stdout
-    plots = plotting.plot_paths(args.plot, [t.name for t in traces]) if args.plot is not None else []
+    labels = [trace_label(p, paths) for p in paths]
+    plots = plotting.plot_paths(args.plot, paths) if args.plot is not None else []
     bar = ProgressBar(plan.runs_per_trace() * len(traces))
 
     def done(i: int, result: TraceResult) -> None:
         bar.clear()
-        print(trace_table(result) + "\n", file=out, flush=True)
+        print(trace_table(result, labels[i]) + "\n", file=out, flush=True)
         if plots:
-            plotting.plot_trace(result, live_bytes(traces[i]), plots[i])
+            plotting.plot_trace(result, live_bytes(traces[i]), plots[i], labels[i])
             print(f"plot: {plots[i]}\n", file=out, flush=True)
 
     start = time.perf_counter()
@@ -112,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         bar.clear()
         print(f"interrupted: {len(results)} of {len(traces)} traces done", file=out, flush=True)
     elapsed = time.perf_counter() - start
+    if len(results) > 1 and plan.against:
+        print(summary_table(results) + "\n", file=out)
     if not interrupted:
         print(_footer(plan, len(results), elapsed), file=out)
     if args.json is not None:

@@ -31,6 +31,7 @@ __all__ = [
     "peak_live",
     "save",
     "suffix_format",
+    "warnings_shown",
     "write_mtrace",
     "write_rep",
 ]
@@ -45,6 +46,7 @@ FORMATS: dict[str, tuple[Reader, Writer]] = {
     "mtrace": (parse_mtrace, write_mtrace),
 }
 _SNIFF_BYTES = 4096  # enough for the first line of either format
+WARNINGS_SHOWN = 5  # per file: a log of a threaded program may hold thousands
 
 
 def format_of(path: str | os.PathLike[str]) -> str:
@@ -93,3 +95,12 @@ def save(trace: Trace, path: str | os.PathLike[str], fmt: str | None = None) -> 
     elif fmt not in FORMATS:
         raise ValueError(f"unknown trace format {fmt!r}: expected one of {', '.join(FORMATS)}")
     FORMATS[fmt][1](trace, path)
+
+
+def warnings_shown(trace: Trace, path: str | os.PathLike[str], limit: int = WARNINGS_SHOWN) -> list[str]:
+    """The warnings from reading `trace` (from the file `path`) for a person: the first `limit`, then how many
+    more there are."""
+    shown = list(trace.warnings[:limit])
+    if len(trace.warnings) > limit:
+        shown.append(f"{os.fspath(path)}: {len(trace.warnings) - limit:,} more warnings like these")
+    return shown

@@ -8,7 +8,7 @@ always holds NULL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ALLOC = 0  # block ID = malloc(N)
 REALLOC = 1  # block ID = realloc(block ID, N); realloc(NULL, N) if ID is not live
@@ -27,13 +27,16 @@ class Trace:
 
     `skipped_frees` counts the frees in a recorded log of blocks allocated before the log began (and reallocs
     of such blocks, which become mallocs): they are not in `ops`, since no replay can free what it never
-    allocated. A `.rep` file has none.
+    allocated. A `.rep` file has none. `warnings` are what the reader tolerated in the file with a warning,
+    each naming the file and line and saying what a replay does about it; they describe the file, not the
+    requests, and so take no part in comparing traces.
     """
 
     name: str
     num_ids: int
     ops: tuple[Op, ...]  # (ALLOC | REALLOC | FREE, id, size); size is 0 for FREE
     skipped_frees: int = 0
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def num_ops(self) -> int:

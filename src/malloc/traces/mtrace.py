@@ -36,19 +36,34 @@ def parse_mtrace(path: str | os.PathLike[str]) -> Trace:
     keeps at its new address. `realloc(p, 0)` is logged by glibc as a free, and `realloc(NULL, n)` as a
     malloc, and so they are read.
 
-    Not errors, since real logs have them:
-    - a free of an address the log never returned (allocated before tracing began) is left out and counted
-      in `skipped_frees`; so is a realloc of such an address, whose new block becomes a malloc;
-    - a free of `(nil)` is `free(NULL)` (id -1); a failed malloc (`(nil)` returned) and a failed realloc
-      (`!`) change nothing and are left out;
-    - an address returned while the log still holds a block there means that block's free was not logged
-      (another thread's realloc freed it between its call and its log line): the old block is freed first.
+    Only a malformed line is an error. A log says what happened in an order, and a log of several threads
+    can hold events that no single thread could make (glibc writes each line after its call returns, so a
+    free can be logged after its address was handed out again); glibc's own `mtrace` script reports these
+    and goes on, and so does this reader.
+
+    Tolerated, as the format allows, and counted in `skipped_frees`: a free of an address the log never
+    returned (a block allocated before tracing began), and a realloc of one, whose new block becomes a malloc.
+    A free of an address that the log returns later is one of these too: nothing in the log tells the two
+    apart.
+
+    Tolerated with a warning in `Trace.warnings` (FILE:LINE, what the log shows, what the replay does):
+    - an address returned while the log still holds a live block there: that block's free is missing from
+      the log; the replay frees it first;
+    - a free of an address already freed in the log and not returned since (a double free, or a block whose
+      allocation the log missed): the replay leaves the free out;
+    - a realloc of such an address: the replay makes its new block a malloc.
+
+    Not events at all: a free of `(nil)` is `free(NULL)` (id -1); a failed malloc (`(nil)` returned) and a
+    failed realloc (`!`) change nothing and are left out.
     """
     where = os.fspath(path)
     ops: list[Op] = []
     append = ops.append
     live: dict[int, int] = {}  # address -> id of the block there
+    born: dict[int, int] = {}  # address -> the line that last returned a block there
+    freed: dict[int, int] = {}  # address -> the line that freed it, until the log returns it again
     spare: list[int] = []  # ids released by frees, reused last-released first
+    warnings: list[str] = []
     num_ids = 0
     skipped = 0
     lineno = 0
@@ -63,11 +78,20 @@ def parse_mtrace(path: str | os.PathLike[str]) -> Trace:
             raise fail(f"bad number: {what} {text!r} is not hexadecimal (0x...)")
         return int(text, 16)
 
+    def warn(line: int, what: str) -> None:
+        warnings.append(f"{where}:{line}: {what}")
+
     def forget(address: int) -> None:
+        """The log returns `address`: a block still live there lost its free from the log."""
+        freed.pop(address, None)
         stale = live.pop(address, None)
         if stale is not None:
+            warn(lineno, f"{address:#x} returned while the block returned there on line {born[address]} is "
+                         "live: its free is missing from the log (a thread's free logged late?); the replay "
+                         "frees that block first")
             append((FREE, stale, 0))
             spare.append(stale)
+        born[address] = lineno
 
     def new_block(address: int) -> int:
         nonlocal num_ids
@@ -80,7 +104,19 @@ def parse_mtrace(path: str | os.PathLike[str]) -> Trace:
         live[address] = ident
         return ident
 
+    def never_live(address: int, line: int, what: str) -> None:
+        """A free or realloc (`what`) on line `line` of an address with no live block."""
+        nonlocal skipped
+        if address in freed:
+            fault, action = (("a double free", "leaves this free out") if what == "free" else
+                             ("a use after free", "makes its new block a malloc"))
+            warn(line, f"{what} of {address:#x}, already freed on line {freed[address]} and not returned since "
+                       f"({fault}, or an allocation missing from the log); the replay {action}")
+        else:
+            skipped += 1  # a block from before the log
+
     pending: int | None = None  # the old address of a `<` line, until its `>` line
+    pending_line = 0  # and that line's number
     with open(path, encoding="latin-1", newline="\n") as lines:
         for line in lines:
             lineno += 1
@@ -108,14 +144,15 @@ def parse_mtrace(path: str | os.PathLike[str]) -> Trace:
                 if not address:
                     append((FREE, -1, 0))
                     continue
-                freed = live.pop(address, None)
-                if freed is None:
-                    skipped += 1
+                ident = live.pop(address, None)
+                if ident is None:
+                    never_live(address, lineno, "free")
                 else:
-                    append((FREE, freed, 0))
-                    spare.append(freed)
+                    append((FREE, ident, 0))
+                    spare.append(ident)
+                    freed[address] = lineno
             elif event == "<":
-                pending = address
+                pending, pending_line = address, lineno
             elif event == ">":
                 if pending is None:
                     raise fail("realloc: '>' line without the '<' line before it")
@@ -125,9 +162,11 @@ def parse_mtrace(path: str | os.PathLike[str]) -> Trace:
                 old = live.pop(pending, None)
                 if old is None:
                     if pending:
-                        skipped += 1  # a block from before the log: its new one is a malloc
+                        never_live(pending, pending_line, "realloc")  # its new block is a malloc
                     append((ALLOC, new_block(address), size))
                 else:
+                    if address != pending:
+                        freed[pending] = lineno
                     forget(address)
                     live[address] = old
                     append((REALLOC, old, size))
@@ -139,7 +178,7 @@ def parse_mtrace(path: str | os.PathLike[str]) -> Trace:
     name = os.path.basename(where)
     if name.endswith(".mtrace"):
         name = name[: -len(".mtrace")]
-    return Trace(name, num_ids, tuple(ops), skipped)
+    return Trace(name, num_ids, tuple(ops), skipped, tuple(warnings))
 
 
 def format_mtrace(trace: Trace) -> str:

@@ -13,6 +13,7 @@ numbers need not be on four lines: any whitespace separates them, as here.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from .model import ALLOC, FREE, REALLOC, Op, Trace, TraceError, peak_live
 
@@ -44,6 +45,13 @@ def parse_rep(path: str | os.PathLike[str]) -> Trace:
     Strict where the real files are exact: the declared op count must match, every id must be below the
     declared id count (or -1, in `f` only), and numbers are plain non-negative decimals. Blank lines and
     surrounding whitespace are tolerated, since they cannot be misread.
+
+    Each id must also be used as a C program would use its pointer, since a replay would otherwise hide the
+    fault (it frees NULL, or leaks): refused are an `a` of an id still live (its block would leak), an `f` of
+    an id already freed (a double free) or never allocated yet (a free before its allocation; free(NULL) is
+    `f -1`), and an `r` of a freed id (a use after free). Allowed, as C allows them: an id allocated again
+    after its free, an `r` of an id never allocated (realloc(NULL, N), a malloc), and an `f` or `r` after a
+    realloc to 0 (which freed the block and left NULL).
     """
     where = os.fspath(path)
     lines = _read_ascii_lines(path)
@@ -71,6 +79,9 @@ def parse_rep(path: str | os.PathLike[str]) -> Trace:
 
     ops: list[Op] = []
     append = ops.append
+    # id -> its pointer's state: +L live since line L, -L freed on line L, 0 NULL after a realloc to 0;
+    # an id never allocated is absent.
+    state: dict[int, int] = {}
     for lineno, line in enumerate(lines[body:], start=body + 1):
         fields = line.split()
         if not fields:
@@ -102,6 +113,8 @@ def parse_rep(path: str | os.PathLike[str]) -> Trace:
                 raise fail(lineno, "id out of range: -1 (free(NULL)) is only valid in 'f'")
         elif not 0 <= ident < num_ids:
             raise fail(lineno, f"id out of range: {ident} is not in [0, {num_ids}) (the declared id count)")
+        else:
+            state[ident] = _next_state(state.get(ident), code, size, lineno, ident, fail)
         append((code, ident, size))
     if len(ops) != num_ops:
         raise fail(len(lines) + 1, f"wrong op count: {len(ops)} ops, the header declares {num_ops}")
@@ -109,6 +122,25 @@ def parse_rep(path: str | os.PathLike[str]) -> Trace:
     if name.endswith(".rep"):
         name = name[:-4]
     return Trace(name, num_ids, tuple(ops))
+
+
+def _next_state(now: int | None, code: int, size: int, lineno: int, ident: int,
+                fail: Callable[[int, str], TraceError]) -> int:
+    """An id's pointer state after a request on line `lineno` (see `parse_rep`); TraceError for a misuse."""
+    if code == ALLOC:
+        if now is not None and now > 0:
+            raise fail(lineno, f"id {ident} allocated twice: it is live since line {now} (its block would leak)")
+        return lineno
+    if code == FREE:
+        if now is None:
+            raise fail(lineno, f"free of id {ident} before its allocation (free(NULL) is 'f -1')")
+        if now < 0:
+            raise fail(lineno, f"double free: id {ident} was freed on line {-now} and not allocated since")
+        return -lineno if now > 0 else 0
+    if now is not None and now < 0:
+        raise fail(lineno, f"realloc of id {ident} after its free on line {-now} (a use after free)")
+    # realloc(p, 0) frees p and returns NULL; realloc(NULL, n) is malloc(n), which returns a block even for 0
+    return 0 if size == 0 and now else lineno
 
 
 def format_rep(trace: Trace) -> str:
