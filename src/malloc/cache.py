@@ -8,8 +8,10 @@ serve it (alone, or coalesced with their free neighbours), and keeps the rest, a
 chunks. Larger caches (up to 64 KiB, 32 blocks a size) were measured: twice the hits on the compiler
 traces, but several top pads more footprint on the random ones, so the sizes stay tcache's.
 
-Its lists and set are touched with single `list.pop`/`list.append`/`set.add` calls, each atomic under
-the GIL, so the process allocator uses it without taking its lock.
+The process allocator changes the lists and `members` together, in runs of subscript stores with no call
+between (`del entries[-1]`, `entries += (p,)`, `members[p] = size`), which neither another thread nor a
+signal handler can come between; so it uses the cache without taking its lock, and a block is listed
+exactly when it is a member.
 """
 
 from __future__ import annotations
@@ -19,35 +21,11 @@ CACHE_COUNT = 7  # per size, as tcache
 
 
 class FastCache:
-    """Per chunk size, a LIFO list of cached block addresses; `members` holds them all, for double frees."""
+    """Per chunk size, a LIFO list of cached block addresses; `members` maps each to its chunk size."""
 
     def __init__(self) -> None:
         self.bins: dict[int, list[int]] = {}
-        self.members: set[int] = set()
-
-    def drain(self) -> list[int]:
-        """Empty the cache; returns the addresses it held."""
-        out: list[int] = []
-        members = self.members
-        for entries in list(self.bins.values()):
-            while entries:  # one pop at a time: a block freed meanwhile by another thread stays or goes whole
-                try:
-                    p = entries.pop()
-                except IndexError:
-                    break
-                members.discard(p)
-                out.append(p)
-        return out
-
-    def remove(self, p: int, size: int) -> bool:
-        """Take the block `p` (chunk size `size`) out of the cache; False if it is not there (another
-        thread took it meanwhile)."""
-        try:
-            self.bins[size].remove(p)
-        except (KeyError, ValueError):
-            return False
-        self.members.discard(p)
-        return True
+        self.members: dict[int, int] = {}
 
     def stats(self) -> tuple[int, int]:
         """(number, chunk bytes) of the blocks in the cache."""

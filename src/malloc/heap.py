@@ -11,10 +11,21 @@ Header (64-bit words at offset 0; positions are word indices, amounts are bytes)
     0 magic          3 end (one past the last word)    6 bytes of the chunks covering foreign spans
     1 version        4 clean (every word from here on is zero as the OS gave it, but the top's header)
     2 top chunk      5 foreign bytes (the C library's spans)    7 most bytes ever held
-    9-10 bin bitmaps (small, large)    16..143 bin heads (bins.py)
+    9-10 bin bitmaps (small, large)    11 journal (a chunk owed back: see below)    16..143 bin heads (bins.py)
 
 Bytes in use are not counted as each block comes and goes: that counter cost a read-modify-write on
 every malloc and free. They are derived when asked, from the extent, the top and the bins.
+
+Every operation is all or nothing. A Python signal handler runs only where the interpreter checks for
+pending calls: at the start of a Python function, at a loop's backward jump, and right after a call to a C
+function returns; never between two subscript stores, and not on the return from a Python function. So an
+engine operation first decides (it reads, checks, plans, calls), then commits: one straight run of word
+stores with no call and no loop, at most preceded by one call to `bins.relink` (whose own stores are such a
+run) and followed only by its return. An exception from a handler finds the operation not started or done.
+An operation that needs two commits (shrinking a block in place, aligning one, growing past a foreign span)
+makes its first commit leave an in-use chunk that nobody holds and name it in the journal word; `settle`
+frees that chunk and clears the word in one commit, and runs again at the next operation if an exception
+came between the two.
 
 Checks come in tiers. Every free and realloc checks the chunk it is given and its neighbours before it
 writes anything; `check()` walks the whole heap and states every invariant in one place.
@@ -33,8 +44,6 @@ from .layout import (
     FOREIGN,
     HEADER,
     IS_MMAPPED,
-    LARGE_BIN,
-    LARGE_TABLE_LIMIT,
     MAX_REQUEST,
     MIN_CHUNK,
     N_BINS,
@@ -53,8 +62,9 @@ from .os import libc
 from .region import Region
 
 MAGIC = 0x636F6C6C614D7970  # "pyMalloc" in little-endian bytes
-VERSION = 2
+VERSION = 3
 H_MAGIC, H_VERSION, H_TOP, H_END, H_CLEAN, H_FOREIGN, H_FOREIGN_CHUNKS, H_HELD_MAX = range(8)
+H_JOURNAL = 11  # word index of an in-use chunk that an interrupted two-commit operation owes back, or 0
 HEAP_WORDS = H_BINS + N_BINS  # the first chunk's word index
 HEAP_HEADER = HEAP_WORDS * 8  # ... and its offset
 
@@ -167,6 +177,21 @@ class Heap:
         """Bytes in in-use chunks (headers included, the C library's spans excluded); walks the bins."""
         W = self._w
         return (W[H_END] << 3) - HEAP_HEADER - W[H_FOREIGN_CHUNKS] - self.top_size - self.free_stats()[1]
+
+    @property
+    def clean(self) -> int:
+        """The clean mark: the word index from which the heap's memory is zero as the OS gave it (see
+        `zero_fresh`)."""
+        return self._w[H_CLEAN]
+
+    def chunk_size(self, c: int) -> int:
+        """Size in bytes of the chunk at word `c` (found by `chunk_of` or `find_chunk`)."""
+        return self._w[c + 1] & SIZE_MASK
+
+    def block_size(self, p: int) -> int:
+        """The chunk size of the live block at address `p`, or 0 when the cheap checks of `find_chunk` fail."""
+        c = self.find_chunk(p)
+        return self._w[c + 1] & SIZE_MASK if c else 0
 
     def owns(self, address: int) -> bool:
         """Whether `address` lies in this heap's chunks."""
@@ -289,18 +314,7 @@ class Heap:
                 m = W[H_LARGEMAP]
                 c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
         else:
-            i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
-            c = W[H_BINS + i]
-            prev = 0
-            try:
-                while c and (W[c + 1] & SIZE_MASK) < nb:
-                    if W[c + 3] != prev:  # also ends a cycle made by an overwritten link
-                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: back link broken",
-                                             self.base + (c << 3))
-                    prev = c
-                    c = W[c + 2]
-            except IndexError:
-                raise HeapCorruption(f"bin {i} links lead out of the heap", self.base + (prev << 3)) from None
+            i, _prev, c = bins.slot(W, self.base, nb)  # the first chunk that fits: the best, as the bin is sorted
             if not c:
                 m = W[H_LARGEMAP] >> (i - 63)
                 c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
@@ -312,15 +326,17 @@ class Heap:
             if sz < nb or c + (sz >> 3) >= t:
                 raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
                                      self.base + (c << 3))
-            bins.unlink(W, c, sz)
+            u = bins.take(W, self.base, c, sz)
             rem = sz - nb
             if rem >= MIN_CHUNK:
                 r = c + (nb >> 3)
+                s = bins.slot(W, self.base, rem, c)
+                bins.relink(W, u, None, r, s)
                 W[r + 1] = rem | PREV_INUSE
                 W[r + (rem >> 3)] = rem
-                bins.insert(W, r, rem)
                 sz = nb
             else:
+                bins.relink(W, u, None, 0, None)
                 W[c + (sz >> 3) + 1] |= PREV_INUSE
             # A free chunk's predecessor is always in use (free neighbours are coalesced).
             W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
@@ -342,10 +358,17 @@ class Heap:
 
     def extend(self, nb: int, reason: str) -> None:
         """Grow the region so the top chunk can serve a chunk of `nb` bytes (plus the top pad)."""
+        self.settle()
         W = self._w
         t = W[H_TOP]
         tsz = W[t + 1] & SIZE_MASK
         old_end = W[H_END]
+        if self.region.size >> 3 > old_end:
+            # The region holds memory past the heap's end: a trim was cut short between its two steps.
+            self._absorb()
+            W = self._w
+            tsz = W[t + 1] & SIZE_MASK
+            old_end = W[H_END]
         need = nb + MIN_CHUNK - tsz
         if need <= 0:
             return
@@ -355,20 +378,20 @@ class Heap:
             if not self.top_pad:
                 raise
             start = self.region.grow(need, reason + " (without the top pad)") >> 3
+        # From here to the end of the commit: no call, so that the header cannot lag the region.
         W = self._w = self.region.words
         new_end = self.region.size >> 3
         if start == old_end:
             W[t + 1] = (tsz + ((new_end - old_end) << 3)) | PREV_INUSE
         else:
             # A foreign span [old_end, start): cover it with an in-use chunk whose header is the last
-            # 16 bytes of the old top, and free what is left of the old top.
+            # 16 bytes of the old top. What is left of the old top becomes an in-use chunk that the
+            # journal owes back, and `settle` frees it (a second commit).
             f = old_end - 2
             if tsz - HEADER >= MIN_CHUNK:
-                rest = tsz - HEADER
-                W[t + 1] = rest | PREV_INUSE
-                W[f] = rest
-                W[f + 1] = ((start - f) << 3) | FOREIGN
-                bins.insert(W, t, rest)
+                W[t + 1] = (tsz - HEADER) | PREV_INUSE | ((t | 1) & TAG_BITS) << TAG_SHIFT
+                W[f + 1] = ((start - f) << 3) | FOREIGN | PREV_INUSE
+                W[H_JOURNAL] = t
             else:
                 f = t
                 W[f + 1] = ((start - f) << 3) | FOREIGN | PREV_INUSE
@@ -381,8 +404,36 @@ class Heap:
         held = (new_end << 3) - W[H_FOREIGN]
         if held > W[H_HELD_MAX]:
             W[H_HELD_MAX] = held
-        if start != old_end and (new_end - start) << 3 < nb + MIN_CHUNK:
-            self.extend(nb, reason)
+        if start != old_end:
+            self.settle()
+            if (new_end - start) << 3 < nb + MIN_CHUNK:
+                self.extend(nb, reason)
+
+    def _absorb(self) -> None:
+        """Commit: the region's memory past the heap's end (ours: a trim cut short left it) joins the top."""
+        W = self._w = self.region.words
+        t = W[H_TOP]
+        new_end = self.region.size >> 3
+        W[t + 1] = (W[t + 1] & SIZE_MASK) + ((new_end - W[H_END]) << 3) | PREV_INUSE
+        W[H_END] = new_end
+
+    def recover(self) -> None:
+        """Bring the heap back to a whole state after an exception cut an operation short: the region
+        finishes a system call's bookkeeping, then `settle`."""
+        self.region.settle()
+        self._w = self.region.words
+        self.settle()
+
+    def settle(self) -> None:
+        """Finish an operation that an exception cut short between its two commits: free the chunk the
+        journal names. Each step is a commit of its own, so it can be cut short and run again."""
+        W = self._w
+        c = W[H_JOURNAL]
+        if c:
+            if not HEAP_WORDS <= c < W[H_TOP]:
+                raise HeapCorruption(f"heap journal names word {c}, which is no chunk", self.base)
+            self.release(c)
+            W[H_JOURNAL] = 0
 
     def find_chunk(self, p: int) -> int:
         """Word index of the live chunk whose block starts at address `p`, or 0; reads only.
@@ -467,6 +518,7 @@ class Heap:
         caller may trim), else 0.
         """
         W = self._w
+        base = self.base
         h = W[c + 1]
         sz = h & SIZE_MASK
         n = c + (sz >> 3)
@@ -476,42 +528,43 @@ class Heap:
         next_free = False
         if n != t:
             if nsz < HEADER or n + (nsz >> 3) > t:
-                raise HeapCorruption(f"chunk after {self.base + (c << 3):#x} has a bad size {nsz}",
-                                     self.base + (n << 3))
+                raise HeapCorruption(f"chunk after {base + (c << 3):#x} has a bad size {nsz}", base + (n << 3))
             next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
-            if next_free:
-                if check_only or not h & PREV_INUSE:
-                    bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
-            elif not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
-                raise HeapCorruption(f"header of the chunk after {self.base + (c << 3):#x} was overwritten",
-                                     self.base + (n << 3))
+            if not next_free and not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
+                raise HeapCorruption(f"header of the chunk after {base + (c << 3):#x} was overwritten",
+                                     base + (n << 3))
         pc = psz = 0
+        a = b = None
         if not h & PREV_INUSE:
             psz = W[c]
             pc = c - (psz >> 3)
             if psz < MIN_CHUNK or psz & 15 or pc < HEAP_WORDS or (W[pc + 1] & ~PREV_INUSE) != psz:
-                raise HeapCorruption(f"chunk before {self.base + (c << 3):#x} has a bad boundary tag {psz}",
-                                     self.base + (c << 3))
-            if check_only:
-                bins.check_links(W, pc, psz)
-        if check_only:
-            return 0
-        if psz:
-            bins.unlink(W, pc, psz)
+                raise HeapCorruption(f"chunk before {base + (c << 3):#x} has a bad boundary tag {psz}",
+                                     base + (c << 3))
+            a = bins.take(W, base, pc, psz)
             c = pc
             sz += psz
+        if next_free:
+            b = bins.take(W, base, n, nsz, pc)  # both neighbours go: both are checked before either changes
+            sz += nsz
+        if check_only:
+            return 0
+        # A chunk merged into the one before keeps its old header inside the merged chunk: its in-use tag
+        # goes, so that the freed block no longer passes `find_chunk` (a second free is caught).
+        old = n - ((h & SIZE_MASK) >> 3)
         if n == t:
+            if a is not None:
+                bins.relink(W, a, None, 0, None)
+            W[old + 1] = h & ~TAG_MASK
             W[c + 1] = (sz + nsz) | PREV_INUSE
             W[H_TOP] = c
             return sz + nsz
-        if next_free:
-            bins.unlink(W, n, nsz)
-            sz += nsz
-        else:
+        bins.relink(W, a, b, c, bins.slot(W, base, sz, pc, n if next_free else 0))
+        if not next_free:
             W[n + 1] = nh & ~PREV_INUSE
+        W[old + 1] = h & ~TAG_MASK
         W[c + 1] = sz | PREV_INUSE
         W[c + (sz >> 3)] = sz
-        bins.insert(W, c, sz)
         return 0
 
     def resize_in_place(self, c: int, nb: int, *, grow_top: bool) -> bool:
@@ -526,10 +579,13 @@ class Heap:
         keep = h & (PREV_INUSE | TAG_MASK)
         if nb <= sz:
             if sz - nb >= MIN_CHUNK:
-                W[c + 1] = nb | keep
                 r = c + (nb >> 3)
-                W[r + 1] = (sz - nb) | PREV_INUSE | tag(r)
-                self.release(r)
+                tr = tag(r)
+                # First commit: the tail becomes an in-use chunk that the journal owes back; settle frees it.
+                W[r + 1] = (sz - nb) | PREV_INUSE | tr
+                W[c + 1] = nb | keep
+                W[H_JOURNAL] = r
+                self.settle()
             return True
         n = c + (sz >> 3)
         t = W[H_TOP]
@@ -557,15 +613,16 @@ class Heap:
         nsz = nh & SIZE_MASK
         if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
             return False
-        bins.unlink(W, n, nsz)
+        u = bins.take(W, self.base, n, nsz)
         total = sz + nsz
         if total - nb >= MIN_CHUNK:
             r = c + (nb >> 3)
+            bins.relink(W, u, None, r, bins.slot(W, self.base, total - nb, n))
             W[r + 1] = (total - nb) | PREV_INUSE
             W[c + (total >> 3)] = total - nb
-            bins.insert(W, r, total - nb)
             total = nb
         else:
+            bins.relink(W, u, None, 0, None)
             W[c + (total >> 3) + 1] |= PREV_INUSE
         W[c + 1] = total | keep
         return True
@@ -576,21 +633,29 @@ class Heap:
         The chunk must hold `nb + alignment + MIN_CHUNK` bytes; the pieces before and after go back free.
         """
         W = self._w
-        first = self.base + (c << 3) + HEADER
-        p = (first + alignment - 1) & ~(alignment - 1)
-        while p != first and p - first < MIN_CHUNK:
-            p += alignment
-        a = c + ((p - first) >> 3)
+        a = self.aligned_chunk(c, alignment)
         if a != c:
             h = W[c + 1]
             sz = h & SIZE_MASK
             lead = (a - c) << 3
-            W[c + 1] = lead | (h & PREV_INUSE) | tag(c)
-            W[a + 1] = (sz - lead) | PREV_INUSE | tag(a)
-            self.release(c)
-            c = a
-        self.resize_in_place(c, nb, grow_top=False)
-        return c
+            tc = tag(c)
+            ta = tag(a)
+            # First commit: the lead becomes an in-use chunk that the journal owes back; settle frees it.
+            W[a + 1] = (sz - lead) | PREV_INUSE | ta
+            W[c + 1] = lead | (h & PREV_INUSE) | tc
+            W[H_JOURNAL] = c
+            self.settle()
+        self.resize_in_place(a, nb, grow_top=False)
+        return a
+
+    def aligned_chunk(self, c: int, alignment: int) -> int:
+        """The chunk `align_chunk(c, nb, alignment)` returns: the first whose block is `alignment`-aligned
+        and that leaves a lead of at least a minimal chunk (or none). Reads nothing."""
+        first = self.base + (c << 3) + HEADER
+        p = (first + alignment - 1) & ~(alignment - 1)
+        while p != first and p - first < MIN_CHUNK:
+            p += alignment
+        return c + ((p - first) >> 3)
 
     def zero_fresh(self, c: int, clean: int) -> None:
         """Zero the block of the chunk at `c`, except what lies at or above word `clean` (still zero)."""
@@ -615,13 +680,16 @@ class Heap:
         end = W[H_END] << 3
         keep = (t << 3) + MIN_CHUNK + pad
         extra = ((end - keep) // page) * page if end > keep else 0
-        if extra > 0 and region.shrink(extra, reason):
-            self._w = W = region.words
+        if extra > 0 and region.can_shrink(extra):
+            # The header first, then the region: an exception between the two leaves the region holding
+            # memory past the heap's end, which the next `extend` takes back into the top.
+            new_end = (end - extra) >> 3
             W[t + 1] = (end - extra - (t << 3)) | PREV_INUSE
-            W[H_END] = (end - extra) >> 3
-            if W[H_CLEAN] > W[H_END]:
-                W[H_CLEAN] = W[H_END]
-            released = True
+            W[H_END] = new_end
+            if W[H_CLEAN] > new_end:
+                W[H_CLEAN] = new_end
+            released = region.shrink(region.size - (new_end << 3), reason)
+            self._w = W = region.words
         else:
             lo = ((region.base + keep + page - 1) & ~(page - 1)) - region.base
             if W[H_CLEAN] << 3 > lo and region.release(keep, end - keep, reason):

@@ -3,11 +3,27 @@
 A request tries the fast cache (small sizes), then every heap's bins and top. Only when the OS must
 supply more does the size decide the system call, as in glibc: at or above the mmap threshold the
 request gets a mapping of its own (page-rounded, its header in the first 16 bytes, IS_MMAPPED set;
-unmapped on free, resized with mremap); below it the main heap grows the break. When the break cannot
-grow, a heap over a mapping takes over.
+unmapped on free), below it the main heap grows the break. When the break cannot grow, a heap over a
+mapping takes over.
 
 An address given to `free` is checked against the ranges this allocator owns before any memory is read,
 then against its chunk header; a wrong one raises and changes nothing.
+
+Every call is all or nothing, under a signal handler's exception as under a raised error. It rests on the
+rule stated in heap.py (a handler runs only at a call, a loop's backward jump or a function's start, never
+between two stores) and on four arrangements here:
+- The fast cache is taken from and added to by runs of subscript stores with no call between, without the
+  lock: a block is cached or handed over, never both or neither, for other threads as for handlers.
+- A block allocated but not yet handed to the caller is in flight: in `_inflight` while the lock is held,
+  in a local after. When an exception comes first it is deferred (below) to be freed.
+- What must not come between a call's last step and its return is deferred: recorded by a store and done
+  at the next call, first thing under the lock (`_mend`): the old block of a realloc that moved, the tail
+  of a block that a realloc shrank in place, and every free asked for while this thread was inside the
+  allocator. The lock-free paths step aside while anything is deferred (`_slow`), so the order of calls
+  is kept.
+- A call made while this thread is already inside the allocator (from a signal handler, or a finalizer
+  that the garbage collector runs) never touches a heap: it takes from the fast cache or maps a chunk of
+  its own, and its frees are deferred. The interrupted call's plans stay true.
 """
 
 from __future__ import annotations
@@ -20,9 +36,9 @@ from typing import SupportsIndex
 
 from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
-from .heap import H_CLEAN, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, alignment_arg, size_arg
+from .heap import HEAP_HEADER, Chunk, Heap, address_arg, alignment_arg, size_arg
 from .info import MallInfo
-from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, SIZE_MASK, page_align_up, request_to_size
+from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, page_align_up, request_to_size
 from .options import Options
 from .os import libc
 from .region import MAP_RESERVE, BreakRegion, MapRegion
@@ -33,6 +49,7 @@ PAGE = libc.PAGE_SIZE
 # A heap over a mapping, made when the break cannot grow, starts with at least this much (glibc's
 # MMAP_AS_MORECORE_SIZE).
 FALLBACK_HEAP_MIN = 1 << 20
+MAP_FAILED = (1 << 64) - 1
 
 
 class ProcessAllocator:
@@ -40,10 +57,9 @@ class ProcessAllocator:
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options if options is not None else Options.from_environment()
-        # Re-entrant, so that a free from a finalizer run by the garbage collector inside one of our own
-        # locked sections can see it is nested (and defer) instead of deadlocking.
+        # Re-entrant only so that `_is_owned` tells a nested call (a handler's, a finalizer's) from a
+        # contended one; a nested call never takes it again.
         self._lock = threading.RLock()
-        self._deferred: list[int] = []  # frees made while this thread was inside the allocator
         self._main: Heap | None = None  # the heap on the program break, made on first need
         self._heaps: list[Heap] = []  # every heap, the main one first
         self._starts: list[int] = []  # heap bases, sorted, for bisect
@@ -54,9 +70,20 @@ class ProcessAllocator:
         self._cache = FastCache()
         self._cache_bins = self._cache.bins  # the hot paths' direct handles on the cache
         self._cached = self._cache.members
+        # All-or-nothing bookkeeping (see the module's docstring).
+        self._deferred: list[int] = []  # blocks to free at the next call
+        self._shrinks: list[tuple[int, int]] = []  # (block, chunk or mapping length) to shrink at the next call
+        self._mending = False  # something is deferred, or a call was cut short: the next call mends first
+        self._inflight = 0  # under the lock: the block this call allocated and has not handed over
+        self._aligning: tuple[Heap, int, int, int] | None = None  # (heap, chunk, aligned chunk, its request)
+        self._map_out: list[int] = []  # the raw result of the mmap for a new mapped chunk, until recorded
+        self._map_length = 0  # ... and the length it asked for
+        self._unmapping: list[int] = []  # [address, length] of a mapping whose munmap may not have run
+        self._unmap_out: list[int] = []  # ... and that munmap's raw result once it has
         self._perturb = 0  # _sync_options keeps these in step with the options
         self._requests: dict[int, int] | None = None  # block address -> bytes asked for, while remembered
-        self._extra = False  # perturbing or remembering requests: the one test malloc's fast path pays
+        self._extra = False  # perturbing or remembering requests
+        self._slow = False  # _extra or _mending: the lock-free fast paths step aside
         self._trim_trigger = 0  # top size from which a free tries to trim
         self._sync_options()
 
@@ -66,32 +93,14 @@ class ProcessAllocator:
         """Address of at least `n` usable bytes, 16-byte aligned; MemoryError when none can be had."""
         size = n if type(n) is int and n >= 0 else size_arg(n)
         nb = (size + 23) & ~15 if size > 24 else MIN_CHUNK  # layout.request_to_size, written out on the hot path
-        if nb <= CACHE_MAX:
-            p = self._cache_take(nb)
-            if p:
-                if self._extra:
-                    self._after_malloc(p, size)
+        if nb <= CACHE_MAX and not self._slow:
+            entries = self._cache_bins.get(nb)
+            if entries:
+                p = entries[-1]  # taken in one run of stores: cached, or handed over
+                del entries[-1]
+                del self._cached[p]
                 return p
-        lock = self._lock
-        lock.acquire()
-        try:
-            if self._deferred:
-                self._free_deferred()
-            main = self._main
-            c = main.allocate(nb) if main is not None and size <= MAX_REQUEST else 0
-            p = main.base + (c << 3) + HEADER if c else self._allocate(size, nb, False)  # type: ignore[union-attr]
-        finally:
-            lock.release()
-        if self._extra:
-            self._after_malloc(p, size)
-        return p
-
-    def _after_malloc(self, p: int, n: int) -> None:
-        """The optional work after a malloc: fill with the perturb byte, remember the request."""
-        if self._perturb:
-            libc.memset(p, self._perturb ^ 0xFF, n)
-        if self._requests is not None:
-            self._requests[p] = n
+        return self._serve(size, nb, False, 16)
 
     def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product overflows.
@@ -101,44 +110,90 @@ class ProcessAllocator:
         total = size_arg(count, "count") * size_arg(size)
         if total > MAX_REQUEST:
             raise MemoryError(f"calloc({count}, {size}) overflows")
-        nb = request_to_size(total)
-        p = self._cache_take(nb) if nb <= CACHE_MAX else 0
-        if p:
-            libc.memset(p, 0, nb - OVERHEAD)
-        else:
-            with self._lock:
-                p = self._allocate(total, nb, True)
-        if self._requests is not None:
-            self._requests[p] = total
+        return self._serve(total, request_to_size(total), True, 16)
+
+    def memalign(self, alignment: SupportsIndex, n: SupportsIndex) -> int:
+        """A block of at least `n` bytes at a multiple of `alignment` (a power of two)."""
+        a = alignment_arg(alignment)
+        size = size_arg(n)
+        if size > MAX_REQUEST or a > MAX_REQUEST:
+            raise MemoryError(f"cannot allocate {size} bytes aligned to {a}")
+        return self._serve(size, request_to_size(size), False, a)
+
+    def _serve(self, n: int, nb: int, zero: bool, alignment: int) -> int:
+        """A new block of `n` bytes (chunk size `nb`) for malloc, calloc and memalign: from the fast cache,
+        the heaps or the OS, under the lock. A block allocated but not handed over goes back (deferred)."""
+        lock = self._lock
+        if lock._is_owned():  # type: ignore[attr-defined]
+            return self._nested_serve(n, nb, zero, alignment)
+        p = 0
+        try:
+            with lock:
+                try:
+                    if self._mending:
+                        self._mend()
+                    if alignment <= 16:
+                        p = self._cache_take(nb) if nb <= CACHE_MAX else 0
+                        if p:
+                            if zero:
+                                libc.memset(p, 0, nb - OVERHEAD)
+                        else:
+                            p = self._allocate(n, nb, zero)
+                    else:
+                        p = self._memalign(n, nb, alignment)
+                    self._inflight = 0
+                    if self._extra:
+                        self._after_malloc(p, n, zero)
+                except BaseException:
+                    q = p or self._inflight
+                    p = self._inflight = 0
+                    if q:
+                        self._deferred += (q,)
+                    self._mending = self._slow = True
+                    raise
+        except BaseException:
+            if p:  # the lock's release raised: the block was never handed over
+                self._deferred += (p,)
+                self._mending = self._slow = True
+            raise
         return p
+
+    def _after_malloc(self, p: int, n: int, zero: bool) -> None:
+        """The optional work after a malloc: fill with the perturb byte (not a calloc's block), remember the
+        request."""
+        if self._perturb and not zero:
+            libc.memset(p, self._perturb ^ 0xFF, n)
+        if self._requests is not None:
+            self._requests[p] = n
 
     def _cache_take(self, nb: int) -> int:
-        """A cached block of chunk size `nb`, or 0. Needs no lock: `list.pop` is atomic under the GIL."""
+        """A cached block of chunk size `nb`, or 0, taken in one run of stores."""
         entries = self._cache_bins.get(nb)
-        if not entries:
-            return 0
-        try:
-            p = entries.pop()
-        except IndexError:  # another thread took the last one
-            return 0
-        self._cached.discard(p)
-        return p
+        if entries:
+            p = entries[-1]
+            del entries[-1]
+            del self._cached[p]
+            return p
+        return 0
 
-    def _cache_put(self, p: int, sz: int) -> bool:
-        """Keep the freed block `p` (chunk size `sz`) in the fast cache if its list has room; DoubleFree
-        if it is there already. Needs no lock: only single atomic set and list calls change the cache."""
-        cached = self._cached
-        if p in cached:
-            raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
-        entries = self._cache_bins.get(sz)
-        if entries is None:
-            entries = self._cache_bins.setdefault(sz, [])
-        if len(entries) >= CACHE_COUNT:
+    def _uncache(self, heap: Heap, p: int) -> bool:
+        """Give the cached block `p` back to `heap`; False if it is no longer cached (another thread took it).
+
+        Out of the cache and into `_deferred` in one run of stores (the list's `remove` last: it runs before
+        anything can interrupt), then released and taken off `_deferred` in one commit: at every instant the
+        block is cached, deferred or free."""
+        members = self._cached
+        if p not in members:
             return False
-        if self._perturb:
-            libc.memset(p, self._perturb, sz - OVERHEAD)
-        cached.add(p)  # the set first: every listed block is a member at any instant (see check)
-        entries.append(p)
+        c = heap.chunk_of(p)
+        size = members[p]
+        del members[p]
+        self._deferred += (p,)
+        self._mending = self._slow = True
+        self._cache_bins[size].remove(p)
+        i = self._deferred.index(p)
+        heap.release(c)
+        del self._deferred[i]
         return True
 
     def _search(self, nb: int) -> tuple[Heap | None, int, int]:
@@ -148,7 +203,7 @@ class ProcessAllocator:
         while freed memory could serve it."""
         for released in (False, True):
             for heap in self._heaps:
-                clean = heap._w[H_CLEAN]
+                clean = heap.clean
                 c = heap.allocate(nb)
                 if c:
                     return heap, c, clean
@@ -161,18 +216,19 @@ class ProcessAllocator:
         coalesced with free neighbours, the top, or neighbours cached too; True if any went back.
 
         The others, smaller than the request and between chunks in use, could not serve it even freed: they
-        stay cached, as glibc's tcache keeps its chunks when the heap grows. Releasing the whole cache (as
-        this allocator did before) placed later blocks differently from glibc: on random-bal, 7 pages more
-        at the peak. The scan costs about 2 µs a cached block each time a request would go to the OS.
+        stay cached, as glibc's tcache keeps its chunks when the heap grows (releasing all of them placed
+        later blocks differently from glibc: on random-bal, 7 pages more at the peak). The scan costs about
+        2 µs a cached block each time a request would go to the OS.
         """
         cached = set(self._cached)
         released = False
         for heap in self._heaps:
             blocks = cached if len(self._heaps) == 1 else {p for p in cached if heap.owns(p)}
-            chosen = [(p, heap.chunk_of(p)) for p in heap.would_serve(blocks, nb)]  # all checked first
-            for p, c in chosen:
-                if self._cache.remove(p, heap._w[c + 1] & SIZE_MASK):
-                    heap.release(c)
+            chosen = heap.would_serve(blocks, nb)
+            for p in chosen:
+                heap.chunk_of(p)  # all checked before any goes back
+            for p in chosen:
+                if self._uncache(heap, p):
                     released = True
         return released
 
@@ -189,7 +245,8 @@ class ProcessAllocator:
         return self._grow(need, f"heap top too small for {what}"), 0
 
     def _allocate(self, n: int, nb: int, zero: bool) -> int:
-        """Serve a request the cache could not: the heaps' free memory first, then the OS."""
+        """Serve a request the cache could not: the heaps' free memory first, then the OS. The block is in
+        flight (`_inflight`) from the commit that makes it."""
         if n > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {n} bytes")
         heap, c, clean = self._search(nb)
@@ -197,11 +254,46 @@ class ProcessAllocator:
             heap, p = self._from_os(nb, nb, 16, f"a request of {size_text(n)}")
             if heap is None:
                 return p
-            clean = heap._w[H_CLEAN]
+            clean = heap.clean
             c = heap.allocate(nb)
+        p = heap.base + (c << 3) + HEADER
+        self._inflight = p
         if zero:
             heap.zero_fresh(c, clean)
-        return heap.base + (c << 3) + HEADER
+        return p
+
+    def _memalign(self, n: int, nb: int, a: int) -> int:
+        """An `a`-aligned block of `n` bytes (chunk size `nb`), under the lock: a chunk with room to align,
+        then `Heap.align_chunk`. While that runs, `_aligning` says which of the two blocks is in flight."""
+        need = nb + a + MIN_CHUNK
+        heap, c, _clean = self._search(need)
+        if heap is None:
+            heap, p = self._from_os(need, nb, a, f"a request of {size_text(n)} aligned to {a}")
+            if heap is None:
+                return p
+            c = heap.allocate(need)
+        self._inflight = heap.base + (c << 3) + HEADER
+        self._aligning = (heap, c, heap.aligned_chunk(c, a), need)
+        self._inflight = 0
+        q = heap.base + (heap.align_chunk(c, nb, a) << 3) + HEADER
+        self._inflight = q
+        self._aligning = None
+        return q
+
+    def _nested_serve(self, n: int, nb: int, zero: bool, alignment: int) -> int:
+        """A block for a call made while this thread is inside the allocator: from the fast cache, else a
+        mapping of its own (zero already), never from a heap, which the interrupted call may be changing."""
+        if n > MAX_REQUEST:
+            raise MemoryError(f"cannot allocate {n} bytes")
+        if alignment <= 16 and nb <= CACHE_MAX:
+            p = self._cache_take(nb)
+            if p:
+                if zero:
+                    libc.memset(p, 0, nb - OVERHEAD)
+                return p
+        return self._map_chunk(nb, alignment, "a request made while this thread was inside the allocator "
+                                              "(a signal handler's or a finalizer's): it gets a mapping of its "
+                                              "own, away from the heap the interrupted call is changing", [])
 
     def _grow(self, nb: int, reason: str) -> Heap:
         """A heap whose top can now serve `nb` bytes: the main heap grown, else a heap over a mapping."""
@@ -244,18 +336,28 @@ class ProcessAllocator:
         self._starts.insert(i, heap.base)
         self._by_start.insert(i, heap)
 
-    def _map_chunk(self, nb: int, alignment: int, reason: str) -> int:
-        """A chunk in a mapping of its own; returns the block's address (aligned to `alignment`)."""
+    def _map_chunk(self, nb: int, alignment: int, reason: str, out: list[int] | None = None) -> int:
+        """A chunk in a mapping of its own; returns the block's address (aligned to `alignment`), in flight.
+
+        The mmap's result lands in `out` (by default the allocator's journal, `_map_out`) before anything
+        can interrupt; `_mend` unmaps a mapping that was made but not recorded."""
         length = page_align_up(nb + OVERHEAD + (alignment - 16 if alignment > 16 else 0), PAGE)
-        m = libc.mmap_anonymous(length, reason)
+        journal = out is None
+        if out is None:
+            out = self._map_out
+            self._map_length = length
+        m = libc.mmap_anonymous(length, reason, out=out)
         p = (m + HEADER + alignment - 1) & ~(alignment - 1)
         offset = p - HEADER - m
         header = libc.memory_view(p - HEADER, HEADER).cast("Q")
         header[0] = offset
         header[1] = (length - offset) | IS_MMAPPED
         header.release()
-        self._mapped[p] = (m, length)
+        self._mapped[p] = (m, length)  # one commit: recorded and in flight, the journal cleared
         self._mapped_bytes += length
+        if journal:
+            self._inflight = p
+        del out[:]
         self._note_system()
         return p
 
@@ -272,55 +374,83 @@ class ProcessAllocator:
         if not ptr:
             return
         main = self._main
-        c = main.find_chunk(ptr) if main is not None else 0
-        if c:
+        if main is not None and not self._slow:
             # The common case needs no lock: a live small block of the main heap joins the fast cache.
             # Only the block's own header and its successor's are read, which no other thread may change.
-            sz = main._w[c + 1] & SIZE_MASK  # type: ignore[union-attr]
-            if sz <= CACHE_MAX and self._cache_put(ptr, sz):
-                return
+            sz = main.block_size(ptr)
+            if 0 < sz <= CACHE_MAX:
+                entries = self._cache_bins.get(sz)
+                if entries is None:
+                    entries = self._cache_bins.setdefault(sz, [])
+                if len(entries) < CACHE_COUNT:
+                    if ptr in self._cached:
+                        raise DoubleFree(f"double free: the block at {ptr:#x} is already free (in the fast cache)")
+                    self._cached[ptr] = sz  # cached in one run of stores
+                    entries += (ptr,)
+                    return
         lock = self._lock
         if lock._is_owned():  # type: ignore[attr-defined]
-            self._deferred.append(ptr)  # nested in our own call (a finalizer): free it on the way out
+            self._deferred += (ptr,)  # nested in our own call (a handler, a finalizer): freed at the next call
+            self._mending = self._slow = True
             return
-        lock.acquire()
         try:
-            if self._deferred:
-                self._free_deferred()
-            if c:
-                self._release(main, c, sz)  # type: ignore[arg-type]
-            else:
-                self._free(ptr)
-        finally:
-            lock.release()
+            with lock:
+                if self._mending:
+                    self._mend()
+                heap, top = self._free_block(ptr, None)
+                if heap is not None and top >= self._trim_trigger:
+                    self._trim_heap(heap, "after a free")
+        except BaseException:
+            self._mending = self._slow = True
+            raise
 
-    def _free_deferred(self) -> None:
-        """Carry out the frees that finalizers asked for while this thread was inside the allocator."""
-        while self._deferred:
-            p = self._deferred.pop()
-            try:
-                self._free(p)
-            except HeapError as exc:
-                warnings.warn(f"a deferred free failed: {exc}", RuntimeWarning, stacklevel=3)
-
-    def _free(self, p: int) -> None:
+    def _free_block(self, p: int, source: list[int] | None) -> tuple[Heap | None, int]:
+        """Free the live block `p` (into the fast cache, its heap, or unmapped), under the lock, and take it
+        off `source` (a list of blocks to free) in the same commit. Returns the heap and its top's size when
+        the block went back to a heap, for the caller to trim; else (None, 0)."""
+        i = source.index(p) if source is not None else 0
         mapped = self._mapped.get(p)
         if mapped is not None:
-            self._unmap_chunk(p, mapped)
-            return
+            m, length = mapped
+            self._check_mapped(p, m, length)
+            del self._mapped[p]  # one commit: out of the table, into the unmap journal
+            self._mapped_bytes -= length
+            self._unmapping[:] = (m, length)
+            del self._unmap_out[:]
+            if source is not None:
+                del source[i]
+            self._unmap(f"free of a mapped chunk of {size_text(length)}")
+            if self.options.freed_mapped_chunk(length - (p - HEADER - m)):
+                self._sync_options()
+            return None, 0
         heap = self._heap_of(p)
         c = heap.chunk_of(p)
-        sz = heap._w[c + 1] & SIZE_MASK
-        if sz <= CACHE_MAX and self._cache_put(p, sz):
-            return
-        self._release(heap, c, sz)
-
-    def _release(self, heap: Heap, c: int, sz: int) -> None:
-        """Give the live chunk `c` (of `sz` bytes) back to its heap, trimming if the top grew enough."""
+        if p in self._cached:
+            raise DoubleFree(f"double free: the block at {p:#x} is already free (in the fast cache)")
+        sz = heap.chunk_size(c)
         if self._perturb:
-            libc.memset(heap.base + (c << 3) + HEADER, self._perturb, sz - OVERHEAD)
-        if heap.release(c) >= self._trim_trigger:
-            self._trim_heap(heap, "after a free")
+            libc.memset(p, self._perturb, sz - OVERHEAD)
+        if sz <= CACHE_MAX:
+            entries = self._cache_bins.get(sz)
+            if entries is None:
+                entries = self._cache_bins.setdefault(sz, [])
+            if len(entries) < CACHE_COUNT:
+                self._cached[p] = sz  # one commit: cached, and off `source`
+                entries += (p,)
+                if source is not None:
+                    del source[i]
+                return None, 0
+        top = heap.release(c)
+        if source is not None:
+            del source[i]
+        return heap, top
+
+    def _unmap(self, reason: str) -> None:
+        """munmap the mapping in the unmap journal; its result lands in `_unmap_out` before anything can
+        interrupt, so `_mend` knows whether it ran."""
+        m, length = self._unmapping
+        libc.munmap(m, length, reason, self._unmap_out)
+        del self._unmapping[:]
 
     def _trim_heap(self, heap: Heap, when: str) -> None:
         reason = (f"top chunk of {size_approx(heap.top_size)} exceeds the "
@@ -340,15 +470,6 @@ class ProcessAllocator:
                 return heap
         raise InvalidPointer(f"{p:#x} was not allocated by this allocator")
 
-    def _unmap_chunk(self, p: int, mapped: tuple[int, int]) -> None:
-        m, length = mapped
-        self._check_mapped(p, m, length)
-        del self._mapped[p]
-        self._mapped_bytes -= length
-        libc.munmap(m, length, f"free of a mapped chunk of {size_text(length)}")
-        if self.options.freed_mapped_chunk(length - (p - HEADER - m)):
-            self._sync_options()
-
     def _check_mapped(self, p: int, m: int, length: int) -> None:
         header = libc.memory_view(p - HEADER, HEADER).cast("Q")
         offset, word = header[0], header[1]
@@ -364,109 +485,215 @@ class ProcessAllocator:
             raise DoubleFree(f"the block at {p:#x} has been freed")
         return heap, c
 
+    # ------------------------------------------------------ mending, deferred work
+
+    def _mend(self) -> None:
+        """First thing under the lock when `_mending` is set: finish what exceptions cut short, then carry out
+        the deferred shrinks and frees. Each step is a commit of its own that also takes its work off its
+        list, so this too can be cut short and run again at the next call."""
+        for heap in self._heaps:
+            heap.recover()
+        self._settle_mappings()
+        aligning = self._aligning
+        if aligning is not None:
+            # An aligned allocation cut short: its block in flight is the aligned chunk once the first
+            # commit has made the lead a chunk of its own (smaller than the request), else the whole chunk.
+            held, c, a, need = aligning
+            lost = a if held.chunk_size(c) < need else c
+            self._deferred += (held.base + (lost << 3) + HEADER,)
+            self._aligning = None
+        shrinks = self._shrinks
+        while shrinks:
+            p, size = shrinks[-1]
+            self._shrink(p, size, shrinks, len(shrinks) - 1)
+        deferred = self._deferred
+        while deferred:
+            p = deferred[-1]
+            try:
+                owner, top = self._free_block(p, deferred)
+            except HeapError as exc:
+                if p in deferred:
+                    del deferred[deferred.index(p)]
+                warnings.warn(f"a deferred free failed: {exc}", RuntimeWarning, stacklevel=4)
+                continue
+            if owner is not None and top >= self._trim_trigger:
+                self._trim_heap(owner, "after a free")
+        self._mending = False
+        self._slow = self._extra
+
+    def _settle_mappings(self) -> None:
+        """Finish a mapped chunk's mmap or munmap whose bookkeeping an exception cut short."""
+        made = self._map_out
+        if made and made[0] not in (None, MAP_FAILED) and not any(m == made[0] for m, _ in self._mapped.values()):
+            self._unmapping[:] = (made[0], self._map_length)  # made, never recorded: it goes
+            del self._unmap_out[:]
+            del made[:]
+            self._unmap("a mapping an exception cut short before it was recorded")
+        del made[:]
+        if self._unmapping and not self._unmap_out:
+            self._unmap("a free of a mapped chunk that an exception cut short")
+        del self._unmapping[:]
+
+    def _shrink(self, p: int, size: int, source: list[tuple[int, int]], i: int) -> None:
+        """Shrink the block `p` in place to `size` (its chunk size, or its mapping's length) and take it off
+        `source` at `i`; a block already that small is only taken off (the shrink ran, and its removal was
+        cut short)."""
+        mapped = self._mapped.get(p)
+        if mapped is not None:
+            m, length = mapped
+            if size < length:
+                self._check_mapped(p, m, length)
+                libc.mremap(m, length, size, f"realloc shrank a mapped chunk to {size_text(size)}", may_move=False)
+                header = libc.memory_view(p - HEADER, HEADER).cast("Q")
+                header[1] = (size - (p - HEADER - m)) | IS_MMAPPED
+                header.release()
+                self._mapped[p] = (m, size)
+                self._mapped_bytes -= length - size
+            del source[i]
+            return
+        heap = self._heap_of(p)
+        c = heap.chunk_of(p)
+        if heap.chunk_size(c) > size:
+            heap.resize_in_place(c, size, grow_top=False)
+        del source[i]
+        if heap.top_size >= self._trim_trigger:
+            self._trim_heap(heap, "after a realloc shrank a block")
+
     # ------------------------------------------------------------- resizing
 
     def realloc(self, p: SupportsIndex, n: SupportsIndex) -> int:
         """Resize the block at `p` to `n` bytes; returns its address, which may have moved.
 
         `realloc(0, n)` is `malloc(n)` and `realloc(p, 0)` frees `p` and returns 0. A block grows in place
-        into a free neighbour or the top when it can; a mapped block is moved with mremap.
+        into a free neighbour or the top when it can, a mapped block with mremap; otherwise it moves. A
+        block that shrinks keeps its address; the memory it gives up goes back at the next call.
         """
-        p = address_arg(p)
-        n = size_arg(n)
-        if not p:
-            return self.malloc(n)
-        with self._lock:
-            mapped = self._mapped.get(p)
-            if mapped is not None:
-                if n == 0:
-                    self._unmap_chunk(p, mapped)
-                    return 0
-                if n > MAX_REQUEST:
-                    raise MemoryError(f"cannot allocate {n} bytes")
-                q = self._remap(p, mapped, n)
-            else:
-                heap, c = self._live_chunk(p)
-                if n == 0:
-                    self._free(p)
-                    return 0
-                if n > MAX_REQUEST:
-                    raise MemoryError(f"cannot allocate {n} bytes")
-                nb = request_to_size(n)
-                # A block bordering the top grows in place even past the mmap threshold (glibc would move it
-                # to a mapping): moving would copy it, and a growing mapped block costs an mremap per page.
-                if heap.resize_in_place(c, nb, grow_top=True):
-                    self._note_system()
-                    W = heap._w
-                    if W[W[H_TOP] + 1] & SIZE_MASK >= self._trim_trigger:
-                        self._trim_heap(heap, "after a realloc shrank a block")
-                    q = p
-                else:
-                    heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
-                    old_usable = (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
-                    q = self._allocate(n, nb, False)
-                    libc.memmove(q, p, min(old_usable, n))
-                    self._free(p)
-        if self._requests is not None:  # the one test the optional request log costs a realloc
-            self._requests[q] = n
+        ptr = address_arg(p)
+        size = size_arg(n)
+        if not ptr:
+            return self.malloc(size)
+        lock = self._lock
+        if lock._is_owned():  # type: ignore[attr-defined]
+            return self._nested_realloc(ptr, size)
+        q = old = shrink = 0
+        try:
+            with lock:
+                try:
+                    if self._mending:
+                        self._mend()
+                    q, old, shrink = self._resize(ptr, size)
+                    self._inflight = 0
+                    if self._requests is not None and q:
+                        self._requests[q] = size
+                except BaseException:
+                    moved = q if q != ptr else 0
+                    r = moved or self._inflight
+                    q = self._inflight = 0
+                    if r:
+                        self._deferred += (r,)
+                    self._mending = self._slow = True
+                    raise
+        except BaseException:
+            if q and q != ptr:  # the lock's release raised: the new block was never handed over
+                self._deferred += (q,)
+                self._mending = self._slow = True
+            raise
+        # The last steps, stores only: nothing can come between them and the return.
+        if old:
+            self._deferred += (old,)
+            self._mending = self._slow = True
+        elif shrink:
+            self._shrinks += ((ptr, shrink),)
+            self._mending = self._slow = True
         return q
 
-    def _remap(self, p: int, mapped: tuple[int, int], n: int) -> int:
-        m, length = mapped
-        self._check_mapped(p, m, length)
-        offset = p - HEADER - m
-        new_length = page_align_up(request_to_size(n) + OVERHEAD + offset, PAGE)
-        if new_length == length:
-            return p
-        m2 = libc.mremap(m, length, new_length, f"realloc of a mapped chunk to {size_text(n)}")
-        p2 = m2 + offset + HEADER
-        header = libc.memory_view(p2 - HEADER, HEADER).cast("Q")
-        header[1] = (new_length - offset) | IS_MMAPPED
+    def _resize(self, p: int, n: int) -> tuple[int, int, int]:
+        """realloc's work under the lock: (the block's address now, the old block to free once the call
+        returns or 0, the size to shrink the block to once the call returns or 0). A block that moves is in
+        flight until realloc returns it."""
+        mapped = self._mapped.get(p)
+        if mapped is not None:
+            m, length = mapped
+            self._check_mapped(p, m, length)
+            if n == 0:
+                self._free_block(p, None)
+                return 0, 0, 0
+            if n > MAX_REQUEST:
+                raise MemoryError(f"cannot allocate {n} bytes")
+            nb = request_to_size(n)
+            new_length = page_align_up(nb + OVERHEAD + p - HEADER - m, PAGE)
+            if new_length <= length:
+                return p, 0, new_length if new_length < length else 0
+            if self._grow_mapping(p, m, length, new_length, n):
+                return p, 0, 0
+            usable = length - (p - m)
+        else:
+            heap, c = self._live_chunk(p)
+            if n == 0:
+                self._free_block(p, None)
+                return 0, 0, 0
+            if n > MAX_REQUEST:
+                raise MemoryError(f"cannot allocate {n} bytes")
+            nb = request_to_size(n)
+            sz = heap.chunk_size(c)
+            if nb <= sz:
+                return p, 0, nb if sz - nb >= MIN_CHUNK else 0
+            # A block bordering the top grows in place even past the mmap threshold (glibc would move it
+            # to a mapping): moving would copy it, and a growing mapped block costs an mremap per page.
+            if heap.resize_in_place(c, nb, grow_top=True):
+                self._note_system()
+                return p, 0, 0
+            heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
+            usable = sz - OVERHEAD
+        q = self._allocate(n, nb, False)
+        libc.memmove(q, p, min(usable, n))
+        return q, p, 0
+
+    def _grow_mapping(self, p: int, m: int, length: int, new_length: int, n: int) -> bool:
+        """Grow the mapped chunk at `p` in place with mremap (never moving it: a move could not be undone if
+        an exception came before realloc returns); False when the address space above it is taken."""
+        try:
+            libc.mremap(m, length, new_length, f"realloc of a mapped chunk to {size_text(n)}", may_move=False)
+        except (MemoryError, OSError):
+            return False
+        header = libc.memory_view(p - HEADER, HEADER).cast("Q")
+        header[1] = (new_length - (p - HEADER - m)) | IS_MMAPPED
         header.release()
-        del self._mapped[p]
-        self._mapped[p2] = (m2, new_length)
+        self._mapped[p] = (m, new_length)
         self._mapped_bytes += new_length - length
         self._note_system()
-        return p2
+        return True
 
-    def memalign(self, alignment: SupportsIndex, n: SupportsIndex) -> int:
-        """A block of at least `n` bytes at a multiple of `alignment` (a power of two)."""
-        a = alignment_arg(alignment)
-        size = size_arg(n)
-        p = self._memalign(a, size)
-        if self._requests is not None:
-            self._requests[p] = size
-        return p
-
-    def _memalign(self, a: int, n: int) -> int:
-        if a <= 16:
-            return self.malloc(n)
-        if n > MAX_REQUEST or a > MAX_REQUEST:
-            raise MemoryError(f"cannot allocate {n} bytes aligned to {a}")
-        nb = request_to_size(n)
-        need = nb + a + MIN_CHUNK
-        with self._lock:
-            heap, c, _clean = self._search(need)
-            if heap is None:
-                heap, p = self._from_os(need, nb, a, f"a request of {size_text(n)} aligned to {a}")
-                if heap is None:
-                    return p
-                c = heap.allocate(need)
-            return heap.base + (heap.align_chunk(c, nb, a) << 3) + HEADER
+    def _nested_realloc(self, p: int, n: int) -> int:
+        """realloc while this thread is inside the allocator: a new block as `_nested_serve` gives, the bytes
+        copied, the old block freed at the next call."""
+        if n == 0:
+            self.free(p)
+            return 0
+        usable = self.usable_size(p)
+        q = self._nested_serve(n, request_to_size(n), False, 16)
+        libc.memmove(q, p, min(usable, n))
+        self._deferred += (p,)
+        self._mending = self._slow = True
+        return q
 
     # ------------------------------------------------------------ questions
 
     def usable_size(self, p: SupportsIndex) -> int:
         """Bytes usable in the live block at `p` (0 for address 0)."""
-        p = address_arg(p)
-        if not p:
+        ptr = address_arg(p)
+        if not ptr:
             return 0
-        with self._lock:
-            mapped = self._mapped.get(p)
+        lock = self._lock
+        nested = lock._is_owned()  # type: ignore[attr-defined]
+        with lock:
+            if self._mending and not nested:
+                self._mend()
+            mapped = self._mapped.get(ptr)
             if mapped is not None:
-                return mapped[1] - (p - HEADER - mapped[0]) - HEADER
-            heap, c = self._live_chunk(p)
-            return (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
+                return mapped[1] - (ptr - HEADER - mapped[0]) - HEADER
+            heap, c = self._live_chunk(ptr)
+            return heap.chunk_size(c) - OVERHEAD
 
     def view(self, p: SupportsIndex, n: SupportsIndex | None = None) -> memoryview:
         """A writable memoryview of the live block at `p`: its first `n` bytes, by default all of it.
@@ -497,20 +724,30 @@ class ProcessAllocator:
         """The heaps, the main (break) heap first."""
         return list(self._heaps)
 
+    def _settled(self) -> threading.RLock:
+        """The lock, to hold while reading the allocator's state. Unless this thread is already inside the
+        allocator, what was deferred is done first, so that what is read is what the calls made."""
+        lock = self._lock
+        if self._mending and not lock._is_owned():  # type: ignore[attr-defined]
+            with lock:
+                if self._mending:
+                    self._mend()
+        return lock
+
     def mapped_chunks(self) -> dict[int, int]:
         """Block address -> mapping length of every mapped chunk."""
-        with self._lock:
+        with self._settled():
             return {p: length for p, (_m, length) in self._mapped.items()}
 
     def mappings(self) -> dict[int, tuple[int, int]]:
         """Block address -> (mapping address, mapping length) of every mapped chunk; the mapping starts
         before the chunk's header when the block was aligned beyond 16 bytes."""
-        with self._lock:
+        with self._settled():
             return dict(self._mapped)
 
     def mallinfo(self) -> MallInfo:
         """glibc's mallinfo2 figures for this allocator, plus system_current and system_max."""
-        with self._lock:
+        with self._settled():
             arena = in_use = ordblks = fordblks = keepcost = 0
             for heap in self._heaps:
                 count, free_bytes = heap.free_stats()
@@ -540,10 +777,10 @@ class ProcessAllocator:
         """Every chunk of every heap in address order (blocks in the fast cache show as "cached"),
         then every mapped chunk. A block's `request` is the size asked for when `remember_requests` was on
         as it was made, else -1."""
-        with self._lock:
+        with self._settled():
             cached = {p - HEADER for p in list(self._cached)}
             chunks = [c for heap in self._by_start for c in heap.walk()]
-            mapped = sorted(self._mapped.items())
+            mapped = sorted(self._mapped.copy().items())
             requests = dict(self._requests) if self._requests is not None else {}
         for chunk in chunks:
             if chunk.address in cached:
@@ -557,22 +794,21 @@ class ProcessAllocator:
 
     def check(self) -> None:
         """Verify every invariant of every heap, the fast cache and the mapped chunks' headers."""
-        with self._lock:
+        with self._settled():
             for heap in self._heaps:
                 heap.check()
             bins = self._cache.snapshot()
+            members = self._cached.copy()
             listed = [p for entries in bins.values() for p in entries]
-            # Lock-free paths add to the set before the list and take from the list before the set, so
-            # every listed block is a member at any instant (the set may briefly hold one more).
-            if len(set(listed)) != len(listed) or not set(listed) <= set(self._cached):
-                raise HeapCorruption("the fast cache's lists and its set of members disagree")
+            # The lock-free paths change a list and the members together, in runs no thread can come between.
+            if len(set(listed)) != len(listed) or set(listed) != set(members):
+                raise HeapCorruption("the fast cache's lists and its members disagree")
             for size, entries in bins.items():
                 for p in entries:
                     heap = self._heap_of(p)
-                    c = heap.chunk_of(p)
-                    if heap._w[c + 1] & SIZE_MASK != size:
+                    if heap.chunk_size(heap.chunk_of(p)) != size or members[p] != size:
                         raise HeapCorruption(f"cached block at {p:#x} is not of size {size}", p - HEADER)
-            for p, (m, length) in self._mapped.items():
+            for p, (m, length) in self._mapped.copy().items():
                 self._check_mapped(p, m, length)
 
     # ------------------------------------------------------ giving memory back
@@ -581,23 +817,31 @@ class ProcessAllocator:
         """Give free memory back to the OS now; True if anything was released (malloc_trim).
 
         Empties the fast cache into the heaps first, then releases each heap's top beyond `pad`
-        (lowering the break where it can) and the whole pages inside large free chunks.
+        (lowering the break where it can) and the whole pages inside large free chunks. Inside the
+        allocator (a signal handler's call) it does nothing and returns False.
         """
         pad = size_arg(pad, "pad")
-        with self._lock:
-            self._flush_cache()
-            released = False
-            for heap in self._heaps:
-                if heap.trim(pad, "malloc_trim", inner=True):
-                    released = True
-            return released
+        lock = self._lock
+        if lock._is_owned():  # type: ignore[attr-defined]
+            return False
+        try:
+            with lock:
+                if self._mending:
+                    self._mend()
+                self._flush_cache()
+                released = False
+                for heap in self._heaps:
+                    if heap.trim(pad, "malloc_trim", inner=True):
+                        released = True
+                return released
+        except BaseException:
+            self._mending = self._slow = True
+            raise
 
     def _flush_cache(self) -> None:
-        for p in self._cache.drain():
-            heap = self._heap_of(p)
-            heap.release(heap.chunk_of(p))
-
-    # ------------------------------------------------------------- settings
+        """Every cached block back into its heap."""
+        for p in list(self._cached):
+            self._uncache(self._heap_of(p), p)
 
     def mallopt(self, param: SupportsIndex, value: SupportsIndex) -> int:
         """Change a setting under glibc's rules (see `options`); returns 1."""
@@ -611,6 +855,7 @@ class ProcessAllocator:
         opts = self.options
         self._perturb = opts.perturb
         self._extra = bool(self._perturb) or self._requests is not None
+        self._slow = self._extra or self._mending
         # glibc tries to trim once the top reaches the trim threshold; a trim can release nothing
         # until the top exceeds the pad by a page, so that is checked here, once, instead of on every free.
         self._trim_trigger = max(opts.trim_threshold, opts.top_pad + MIN_CHUNK + PAGE)
@@ -629,8 +874,6 @@ class ProcessAllocator:
     def after_fork_child(self) -> None:
         """In the child: a fresh lock, and the inherited fast cache emptied back into the heap."""
         self._lock = threading.RLock()
+        self._mend()
         self._flush_cache()
-        # A block some other thread was caching or taking at the fork is in the set but in no list:
-        # it stays in use, as that thread's call never finished in this process.
-        self._cached.clear()
 

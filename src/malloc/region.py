@@ -36,15 +36,27 @@ class Region:
     words: memoryview
 
     def _rebuild(self) -> None:
-        self.words = libc.memory_view(self.base, self.size).cast(WORD_FORMAT)
+        self.words = self._view(self.size)
+
+    def _view(self, size: int) -> memoryview:
+        """Word view of the first `size` bytes. A region builds the new view before it stores the new size
+        and view (two stores, no call between), so that an exception cannot leave them disagreeing."""
+        return libc.memory_view(self.base, size).cast(WORD_FORMAT)
 
     def grow(self, min_bytes: int, reason: str) -> int:
         """Add at least `min_bytes` at the end; return the offset where the new memory starts."""
         raise MemoryError(f"{type(self).__name__} cannot grow")
 
+    def can_shrink(self, nbytes: int) -> bool:
+        """Whether `shrink(nbytes)` would give memory back now (it checks again)."""
+        return False
+
     def shrink(self, nbytes: int, reason: str) -> bool:
         """Give the last `nbytes` (a page multiple) back to the OS now, if this region can."""
         return False
+
+    def settle(self) -> None:
+        """Finish a shrink whose system call an exception cut short (see BreakRegion)."""
 
     def release(self, offset: int, nbytes: int, reason: str) -> bool:
         """Let the OS reclaim the whole pages in `[offset, offset + nbytes)`, which read as zero after;
@@ -71,9 +83,13 @@ class BreakRegion(Region):
     the region continues above it and reports the gap to the heap.
     """
 
+    _owed = 0  # bytes a shrink has taken off the region but not yet off the break
+    _done: list[int]  # the result of the last such sbrk, stored before anything can interrupt
+
     def __init__(self, initial: int, reason: str) -> None:
         if initial <= 0:
             raise ValueError("initial size must be positive")
+        self._done = []
         start = libc.current_break()
         incr = page_align_up(start + initial, PAGE) - start
         old = libc.sbrk(incr, reason)
@@ -88,10 +104,11 @@ class BreakRegion(Region):
     def grow(self, min_bytes: int, reason: str) -> int:
         end = self.base + self.size
         incr = page_align_up(end + min_bytes, PAGE) - end
+        words = self._view(self.size + incr)
         old = libc.sbrk(incr, reason)
         if old == end:
+            self.words = words
             self.size += incr
-            self._rebuild()
             return end - self.base
         if old < end:
             # Someone lowered the break into our memory; nothing can be trusted above it.
@@ -108,20 +125,39 @@ class BreakRegion(Region):
                 libc.sbrk(-incr, "undo: the break moved again")
                 raise MemoryError("the program break keeps moving under this heap")
             new_end += extra
-        self.size = (new_end - self.base) & ~(ALIGNMENT - 1)
-        self._rebuild()
+        size = (new_end - self.base) & ~(ALIGNMENT - 1)
+        words = self._view(size)
+        self.words = words
+        self.size = size
         return start - self.base
+
+    def can_shrink(self, nbytes: int) -> bool:
+        return 0 < nbytes <= self.size and libc.thread_count() == 1 \
+            and libc.current_break() == self.base + self.size
 
     def shrink(self, nbytes: int, reason: str) -> bool:
         end = self.base + self.size
-        # Count threads first, then compare the break right before lowering it, with nothing in between
-        # that could make the C library move it.
-        if nbytes <= 0 or libc.thread_count() != 1 or libc.current_break() != end:
+        if nbytes <= 0 or nbytes > self.size or libc.thread_count() != 1:
             return False
-        libc.sbrk(-nbytes, reason)
+        words = self._view(self.size - nbytes)
+        # Compare the break right before lowering it, with nothing in between that could make the C
+        # library move it. The region shrinks first and owes the break's move (`_owed`): an exception
+        # before the sbrk leaves the break above the region's end, which `settle` lowers.
+        if libc.current_break() != end:
+            return False
+        self.words = words
         self.size -= nbytes
-        self._rebuild()
+        self._owed = nbytes
+        del self._done[:]
+        libc.sbrk(-nbytes, reason, self._done)
+        self._owed = 0
         return True
+
+    def settle(self) -> None:
+        owed = self._owed
+        if owed and not self._done and libc.current_break() == self.base + self.size + owed:
+            libc.sbrk(-owed, "a trim cut short by an exception: the break goes down to the heap's end", self._done)
+        self._owed = 0
 
 
 class MapRegion(Region):
@@ -158,18 +194,25 @@ class MapRegion(Region):
             raise MemoryError(f"heap mapping at {self.base:#x} is full ({self._reserved} bytes reserved)")
         libc.mprotect(self.base + self.size, incr, libc.PROT_READ | libc.PROT_WRITE, reason)
         old = self.size
-        self.size += incr
-        self._rebuild()
+        words = self._view(old + incr)
+        self.words = words
+        self.size = old + incr
         return old
 
+    def can_shrink(self, nbytes: int) -> bool:
+        return 0 < nbytes <= self.size
+
     def shrink(self, nbytes: int, reason: str) -> bool:
-        if nbytes <= 0:
+        if nbytes <= 0 or nbytes > self.size:
             return False
-        start = self.base + self.size - nbytes
+        # The region shrinks first: an exception before the system calls leaves pages readable and
+        # writable past its end, which a later growth makes readable and writable again anyway.
+        words = self._view(self.size - nbytes)
+        self.words = words
+        self.size -= nbytes
+        start = self.base + self.size
         libc.madvise_dontneed(start, nbytes, reason)
         libc.mprotect(start, nbytes, libc.PROT_NONE, reason)
-        self.size -= nbytes
-        self._rebuild()
         return True
 
     def close(self) -> None:
@@ -193,7 +236,7 @@ class BufferRegion(Region):
         address = ctypes.addressof(ctypes.c_char.from_buffer(view))
         skip = -address % ALIGNMENT
         usable = (len(view) - skip) & ~(ALIGNMENT - 1) if len(view) > skip else 0
-        self._view = view
+        self._buffer = view  # kept alive: the words view depends on it
         self.base = address + skip
         self.size = usable
         self.words = view[skip:skip + usable].cast(WORD_FORMAT)

@@ -2,6 +2,11 @@
 
 Every function that changes the address space records an event (see `events`) with the reason the caller
 gives. Failures become exceptions here, in one place: ENOMEM is `MemoryError`, anything else `OSError`.
+
+A signal handler can raise right after a C function returns, before its result is stored anywhere. So the
+calls whose result the allocator must not lose (sbrk, mmap, munmap) take `out`, a list that receives the raw
+result by a slice assignment that runs the call inside it: the result is in `out` before anything can
+interrupt, and whoever owns `out` can finish the bookkeeping later.
 """
 
 from __future__ import annotations
@@ -76,9 +81,13 @@ def current_break() -> int:
     return int(_sbrk(0) or 0)
 
 
-def sbrk(increment: int, reason: str) -> int:
-    """Move the program break by `increment` bytes; return the old break."""
-    result = _sbrk(increment)
+def sbrk(increment: int, reason: str, out: list[int] | None = None) -> int:
+    """Move the program break by `increment` bytes; return the old break (see `out` above)."""
+    if out is None:
+        result = _sbrk(increment)
+    else:
+        out[:] = map(_sbrk, (increment,))
+        result = out[0]
     if result is None or result == _BRK_FAILED:
         events.record("sbrk", (increment,), -1, reason)
         raise _fail(f"sbrk({increment})")
@@ -87,10 +96,14 @@ def sbrk(increment: int, reason: str) -> int:
 
 
 def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE, flags: int = 0,
-                   address: int = 0) -> int:
-    """Map `size` bytes of private anonymous memory; return its address."""
+                   address: int = 0, out: list[int] | None = None) -> int:
+    """Map `size` bytes of private anonymous memory; return its address (see `out` above)."""
     flags |= MAP_PRIVATE | MAP_ANONYMOUS
-    result = _mmap_fn(address or None, size, prot, flags, -1, 0)
+    if out is None:
+        result = _mmap_fn(address or None, size, prot, flags, -1, 0)
+    else:
+        out[:] = map(_mmap_fn, (address or None,), (size,), (prot,), (flags,), (-1,), (0,))
+        result = out[0]
     if result is None or result == _MAP_FAILED:
         events.record("mmap", (address, size, prot, flags), -1, reason)
         raise _fail(f"mmap({size})")
@@ -98,9 +111,13 @@ def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE
     return int(result)
 
 
-def munmap(address: int, size: int, reason: str) -> None:
-    """Unmap `size` bytes at `address`."""
-    rc = _munmap(address, size)
+def munmap(address: int, size: int, reason: str, out: list[int] | None = None) -> None:
+    """Unmap `size` bytes at `address` (see `out` above)."""
+    if out is None:
+        rc = _munmap(address, size)
+    else:
+        out[:] = map(_munmap, (address,), (size,))
+        rc = out[0]
     events.record("munmap", (address, size), rc, reason)
     if rc != 0:
         raise _fail(f"munmap({address:#x}, {size})")
