@@ -1,5 +1,6 @@
 """A fault, seen: a fresh child process reads an address its own maps show unmapped, and dies of SIGSEGV.
 
+    >>> import signal
     >>> from malloc.inspect import fault
     >>> report = fault.touch_unmapped()
     >>> report.returncode == -signal.SIGSEGV
