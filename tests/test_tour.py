@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from malloc.inspect import fault, maps
+from malloc.options import Options
 from malloc.units import size_text
 
 
@@ -151,6 +153,7 @@ def test_the_tour_holds_under_the_users_malloc_settings(setting: str, tmp_path: 
     assert "FAILED" not in out.stdout and "Every claim held." in out.stdout
     record = json.loads((tmp_path / "tour.json").read_text())
     assert record["ok"]
+    assert record["settings"] == asdict(Options())
     sweep = next(s["facts"] for s in record["sections"] if "smallest_mapped" in s["facts"])
     assert sweep["threshold"] == 128 * 1024 and (sweep["smallest_mapped"] + 8 + 15) & ~15 == 128 * 1024
 

@@ -41,6 +41,7 @@ class Tour:
         self.sections: list[Json] = []
         self.failed = 0
         self._section: Json = {}
+        self.settings: Json = {}
 
     def _paint(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
@@ -75,7 +76,7 @@ class Tour:
         self.failed += not ok
 
     def record(self) -> Json:
-        return {"ok": self.failed == 0, "failed": self.failed, "sections": self.sections}
+        return {"ok": self.failed == 0, "failed": self.failed, "settings": self.settings, "sections": self.sections}
 
 
 def _area(address: int) -> maps.Area | None:
@@ -628,6 +629,7 @@ def run(out: Callable[[str], None] = print, *, step: bool = False, color: bool =
     t = Tour(out, pause if step else None, color)
     out("How malloc gets memory from the OS: a live tour, in this process, on this machine.")
     o = allocator.options
+    t.settings = asdict(o)
     out(f"Settings: glibc's defaults: mmap threshold {size_text(o.mmap_threshold)} (it moves: see below), "
         f"trim threshold {size_text(o.trim_threshold)}, top pad {size_text(o.top_pad)}.")
     for section in (address_space, own_address_space, zero_data, small_requests, reuse, threshold_sweep,
