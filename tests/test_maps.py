@@ -3,8 +3,10 @@ classification, the allocator's own ranges and the break, another process's map,
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
+import mmap
 import os
 import re
 import shutil
@@ -74,6 +76,36 @@ def test_the_c_librarys_bss_follows_its_data() -> None:
     after = areas[data[-1] + 1]
     assert after.start == areas[data[-1]].end and after.mapping.anonymous
     assert after.kind == "library" and after.name.startswith("libc.so.6 (bss)")
+
+
+def test_the_c_librarys_bss_from_its_elf_headers_starts_in_its_data_page_and_is_not_in_the_file() -> None:
+    mappings = maps.read_maps()
+    data = [m for m in mappings if m.path.endswith("/libc.so.6") and m.perms == "rw-p"]
+    if not data:
+        pytest.skip("this process has no libc.so.6 (not glibc)")
+    bss = maps.bss_of(data[-1], mappings)
+    assert bss is not None and bss.path == data[-1].path and bss.size > 0
+    assert data[-1].start <= bss.start < data[-1].end < bss.end  # past the file's part, into the anonymous mapping
+    assert bss.offset - data[-1].offset == bss.start - data[-1].start  # the file offset it would have had
+    assert bss.offset <= os.path.getsize(bss.path)
+    not_elf = maps.Mapping(data[-1].start, data[-1].end, "rw-p", 0, data[-1].dev, os.stat(SAMPLE).st_ino, str(SAMPLE))
+    assert maps.bss_of(not_elf, mappings) is None
+
+
+def test_read_touched_sees_a_page_once_it_is_written() -> None:
+    m = mmap.mmap(-1, 3 * libc.PAGE_SIZE)
+    first = ctypes.c_char.from_buffer(m)
+    start = ctypes.addressof(first)
+    try:
+        assert maps.read_touched(start, start + 3 * libc.PAGE_SIZE) == [False, False, False]
+        m[libc.PAGE_SIZE] = 1
+        assert maps.read_touched(start, start + 3 * libc.PAGE_SIZE) == [False, True, False]
+    finally:
+        del first
+        m.close()
+    for lo, hi in ((1, libc.PAGE_SIZE), (2 * libc.PAGE_SIZE, libc.PAGE_SIZE), (-libc.PAGE_SIZE, 0)):
+        with pytest.raises(ValueError, match="not a page-aligned range"):
+            maps.read_touched(lo, hi)
 
 
 # ------------------------------------------------------------------------------------ parsing, saved

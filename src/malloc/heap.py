@@ -60,6 +60,7 @@ from .layout import (
 )
 from .os import libc
 from .region import Region
+from .units import size_approx, size_text
 
 MAGIC = 0x636F6C6C614D7970  # "pyMalloc" in little-endian bytes
 VERSION = 3
@@ -680,26 +681,34 @@ class Heap:
         end = W[H_END] << 3
         keep = (t << 3) + MIN_CHUNK + pad
         extra = ((end - keep) // page) * page if end > keep else 0
+        edge = "the break" if region.kind == "brk" else "the heap's end"
         if extra > 0 and region.can_shrink(extra):
             # The header first, then the region: an exception between the two leaves the region holding
             # memory past the heap's end, which the next `extend` takes back into the top.
+            why = (f"{reason}: the free top's last {size_approx(extra)}, {region.base + end - extra:#x}-"
+                   f"{region.base + end:#x}, beyond a pad of {size_text(pad)}: {edge} comes down")
             new_end = (end - extra) >> 3
             W[t + 1] = (end - extra - (t << 3)) | PREV_INUSE
             W[H_END] = new_end
             if W[H_CLEAN] > new_end:
                 W[H_CLEAN] = new_end
-            released = region.shrink(region.size - (new_end << 3), reason)
+            released = region.shrink(region.size - (new_end << 3), why)
             self._w = W = region.words
         else:
             lo = ((region.base + keep + page - 1) & ~(page - 1)) - region.base
-            if W[H_CLEAN] << 3 > lo and region.release(keep, end - keep, reason):
+            if W[H_CLEAN] << 3 > lo and region.release(
+                    keep, end - keep, f"{reason}: whole pages of the free top, {region.base + keep:#x}-"
+                                      f"{region.base + end:#x}: {edge} cannot come down (other memory lies "
+                                      "above it, or another thread runs)"):
                 W[H_CLEAN] = lo >> 3
                 released = True
         if inner:
             for i in range(64, N_BINS):
                 for f in bins.members(W, i):
                     fsz = W[f + 1] & SIZE_MASK
-                    if region.release((f << 3) + 32, fsz - 32, reason):
+                    why = (f"{reason}: whole pages inside a free {size_approx(fsz)} chunk at "
+                           f"{region.base + (f << 3):#x}: {edge} cannot come down past the block in use above it")
+                    if region.release((f << 3) + 32, fsz - 32, why):
                         released = True
         return released
 

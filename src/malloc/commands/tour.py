@@ -1,10 +1,18 @@
-"""`malloc tour`: how malloc gets memory from the OS, live in this process, every claim checked."""
+"""`malloc tour`: how malloc gets memory from the OS, live in this process, every claim checked.
+
+The tour shows glibc's default settings: when MALLOC_*_ variables are set, it says so and runs in a child
+process without them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+from collections.abc import Mapping
+from typing import TextIO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +25,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fresh processes started to show address-space randomisation (default 4)")
 
 
+def _settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """glibc's malloc settings in `environ`: its MALLOC_*_ variables (this allocator reads them too)."""
+    return {k: v for k, v in environ.items() if k.startswith("MALLOC_") and k.endswith("_")}
+
+
+def _without_settings(args: argparse.Namespace, settings: dict[str, str], stream: TextIO) -> int:
+    """Run the tour again in a child process whose environment lacks `settings`; its exit status."""
+    shown = " ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    print(f"Your environment sets {shown}: glibc's malloc and this allocator follow it. The tour shows glibc's "
+          "defaults, so it runs in a child process without it.", file=stream, flush=True)
+    argv = [sys.executable, "-m", "malloc", "tour", "--aslr-runs", str(args.aslr_runs)]
+    argv += ["--step"] * args.step + ["--no-color"] * args.no_color
+    argv += ["--json", args.json] if args.json is not None else []
+    env = {k: v for k, v in os.environ.items() if k not in settings}
+    code = subprocess.run(argv, env=env, check=False).returncode
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import tour
 
@@ -24,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("malloc tour: --aslr-runs must be at least 2 (a layout can only move between runs)")
     to_stdout = args.json == "-"
     stream = sys.stderr if to_stdout else sys.stdout
+    settings = _settings(os.environ)
+    if settings:
+        return _without_settings(args, settings, stream)
     record_file = open(args.json, "w", encoding="utf-8") if args.json not in (None, "-") else None  # noqa: SIM115
 
     def out(line: str) -> None:

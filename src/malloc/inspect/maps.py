@@ -230,6 +230,28 @@ def read_exe(pid: int | str = "self") -> str:
         return ""
 
 
+def read_touched(start: int, end: int, pid: int | str = "self") -> list[bool]:
+    """For each page of [start, end) in process `pid`: True when the process has touched it since it was
+    mapped (the page is in memory or swapped out: bits 63 and 62 of /proc/PID/pagemap, see proc(5)). An
+    untouched page of anonymous memory has no memory behind it yet and reads as zero."""
+    page = libc.PAGE_SIZE
+    if start < 0 or end < start or start % page:
+        raise ValueError(f"not a page-aligned range: {start:#x}-{end:#x}")
+    count = (end - start + page - 1) // page
+    path = _proc(pid) + "/pagemap"
+    try:
+        with open(path, "rb") as f:
+            f.seek(start // page * 8)
+            raw = f.read(8 * count)
+    except FileNotFoundError:
+        raise ProcessLookupError(f"no process {pid}: {path} does not exist") from None
+    except PermissionError:
+        raise PermissionError(f"may not read {path}") from None
+    if len(raw) != 8 * count:
+        raise ValueError(f"{path} ended before {end:#x}")
+    return [bool(entry >> 62 & 3) for entry in struct.unpack(f"<{count}Q", raw)]
+
+
 # ------------------------------------------------------------------------------------------ classifying
 
 def classify(mappings: Sequence[Mapping], exe: str = "") -> list[Area]:
@@ -266,9 +288,33 @@ def classify(mappings: Sequence[Mapping], exe: str = "") -> list[Area]:
 
 
 def _bss_end(data: Mapping, mappings: Sequence[Mapping]) -> int | None:
-    """Where the zero-filled end (bss) of the file mapped writable at `data` ends in memory, from its ELF
-    program headers: the last loadable segment's memory size beyond its file size, rounded up to a page.
-    None when the file cannot be read or is not the mapped one (a 64-bit little-endian ELF file)."""
+    """Where the zero-filled end (bss) of the file mapped writable at `data` ends in memory, rounded up to a
+    page; None when it cannot be told (see `bss_of`)."""
+    bss = bss_of(data, mappings)
+    page = libc.PAGE_SIZE
+    return None if bss is None else (bss.end + page - 1) & ~(page - 1)
+
+
+@dataclass(frozen=True)
+class Bss:
+    """The zero-initialised end of a file's last loadable segment, from its ELF program headers: memory
+    [start, end) has no bytes in the file (the segment's memory size beyond its file size). `offset` is
+    where the file's part of the segment ends in the file, the file offset that `start` would have had."""
+
+    path: str
+    start: int
+    end: int
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def bss_of(data: Mapping, mappings: Sequence[Mapping]) -> Bss | None:
+    """The bss of the file mapped writable at `data` (one of `mappings`, the process's maps), from the file's
+    ELF program headers: its last loadable segment's memory beyond its file size. None when the file cannot
+    be read or is not the mapped one (a 64-bit little-endian ELF file)."""
     try:
         if os.stat(data.path).st_ino != data.inode:
             return None
@@ -285,14 +331,13 @@ def _bss_end(data: Mapping, mappings: Sequence[Mapping]) -> int | None:
     if entry < _PHDR.size:
         return None
     headers = [_PHDR.unpack_from(table, i * entry) for i in range(count) if len(table) >= i * entry + _PHDR.size]
-    loads: list[tuple[int, int]] = [(int(h[3]), int(h[6])) for h in headers if h[0] == 1]  # (vaddr, memsz)
+    loads = [(int(h[3]), int(h[2]), int(h[5]), int(h[6])) for h in headers if h[0] == 1]  # vaddr offset filesz memsz
     first = next((m for m in mappings if m.inode == data.inode and m.dev == data.dev and m.offset == 0), None)
     if not loads or first is None:
         return None
-    page = libc.PAGE_SIZE
-    bias = first.start - (min(vaddr for vaddr, _ in loads) & ~(page - 1))
-    vaddr, memsz = max(loads)
-    return (bias + vaddr + memsz + page - 1) & ~(page - 1)
+    bias = first.start - (min(vaddr for vaddr, *_ in loads) & ~(libc.PAGE_SIZE - 1))
+    vaddr, offset, filesz, memsz = max(loads)
+    return Bss(data.path, bias + vaddr + filesz, bias + vaddr + max(memsz, filesz), offset + filesz)
 
 
 def _base(pathname: str) -> str:
