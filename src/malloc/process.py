@@ -12,11 +12,13 @@ then against its chunk header; a wrong one raises and changes nothing.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import warnings
 from bisect import bisect_right
 from collections.abc import Iterator
-from typing import SupportsIndex
+from sys import getrefcount
+from typing import Final, SupportsIndex
 
 from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
@@ -33,6 +35,28 @@ PAGE = libc.PAGE_SIZE
 # A heap over a mapping, made when the break cannot grow, starts with at least this much (glibc's
 # MMAP_AS_MORECORE_SIZE).
 FALLBACK_HEAP_MIN = 1 << 20
+
+Exporter = ctypes.Array[ctypes.c_char]
+
+
+def _most_referenced(exporters: list[Exporter]) -> int:
+    """The highest reference count among `exporters`, as this function sees it."""
+    most = 0
+    for exporter in exporters:
+        count = getrefcount(exporter)
+        if count > most:
+            most = count
+    return most
+
+
+# What _most_referenced reports for an exporter that only its list references: measured, not assumed, as the
+# interpreter counts the loop's reference and mypyc's compiled loop borrows the list's.
+_UNSHARED: Final = _most_referenced([(ctypes.c_char * 1)()])
+
+
+def _view_alive(p: int, what: str) -> BufferError:
+    return BufferError(f"cannot {what} the block at {p:#x}: a view of it is still alive (a memoryview from "
+                       f"view(), or a slice, cast or array made from one); release it first")
 
 
 class ProcessAllocator:
@@ -58,6 +82,10 @@ class ProcessAllocator:
         self._requests: dict[int, int] | None = None  # block address -> bytes asked for, while remembered
         self._extra = False  # perturbing or remembering requests: the one test malloc's fast path pays
         self._trim_trigger = 0  # top size from which a free tries to trim
+        # Block address -> the objects that export its memory to view(), the newest spanning the whole block
+        # (an older one remains from before an in-place growth). A block is here from its first view until
+        # a free or realloc finds none of them referenced by any buffer: then its entry goes.
+        self._views: dict[int, list[Exporter]] = {}
         self._sync_options()
 
     # ----------------------------------------------------------- allocation
@@ -271,6 +299,8 @@ class ProcessAllocator:
         ptr = p if type(p) is int and p >= 0 else address_arg(p)
         if not ptr:
             return
+        if self._views and ptr in self._views and self._viewed(ptr):
+            raise _view_alive(ptr, "free")
         main = self._main
         c = main.find_chunk(ptr) if main is not None else 0
         if c:
@@ -370,29 +400,38 @@ class ProcessAllocator:
         """Resize the block at `p` to `n` bytes; returns its address, which may have moved.
 
         `realloc(0, n)` is `malloc(n)` and `realloc(p, 0)` frees `p` and returns 0. A block grows in place
-        into a free neighbour or the top when it can; a mapped block is moved with mremap.
+        into a free neighbour or the top when it can; a mapped block is moved with mremap. While a view of the
+        block is alive (see `view`), a realloc that would free, shrink or move it raises BufferError instead.
         """
         p = address_arg(p)
         n = size_arg(n)
         if not p:
             return self.malloc(n)
         with self._lock:
+            viewed = p in self._views and self._viewed(p)
             mapped = self._mapped.get(p)
             if mapped is not None:
                 if n == 0:
+                    if viewed:
+                        raise _view_alive(p, "free")
                     self._unmap_chunk(p, mapped)
                     return 0
                 if n > MAX_REQUEST:
                     raise MemoryError(f"cannot allocate {n} bytes")
-                q = self._remap(p, mapped, n)
+                q = self._remap(p, mapped, n, viewed)
             else:
                 heap, c = self._live_chunk(p)
                 if n == 0:
+                    if viewed:
+                        raise _view_alive(p, "free")
                     self._free(p)
                     return 0
                 if n > MAX_REQUEST:
                     raise MemoryError(f"cannot allocate {n} bytes")
                 nb = request_to_size(n)
+                # resize_in_place splits off a tail of MIN_CHUNK or more, and only then does the block shrink
+                if viewed and (heap._w[c + 1] & SIZE_MASK) - nb >= MIN_CHUNK:
+                    raise _view_alive(p, "shrink")
                 # A block bordering the top grows in place even past the mmap threshold (glibc would move it
                 # to a mapping): moving would copy it, and a growing mapped block costs an mremap per page.
                 if heap.resize_in_place(c, nb, grow_top=True):
@@ -402,23 +441,39 @@ class ProcessAllocator:
                         self._trim_heap(heap, "after a realloc shrank a block")
                     q = p
                 else:
+                    if viewed:
+                        raise _view_alive(p, "move")
                     heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
                     old_usable = (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
                     q = self._allocate(n, nb, False)
                     libc.memmove(q, p, min(old_usable, n))
                     self._free(p)
+            if viewed:  # grown in place (or unchanged): later views span the whole block
+                exporters = self._views[p]
+                usable = self.usable_size(p)
+                if usable != len(exporters[-1]):
+                    exporters.append(libc.memory_exporter(p, usable))
         if self._requests is not None:  # the one test the optional request log costs a realloc
             self._requests[q] = n
         return q
 
-    def _remap(self, p: int, mapped: tuple[int, int], n: int) -> int:
+    def _remap(self, p: int, mapped: tuple[int, int], n: int, viewed: bool) -> int:
+        """Resize the mapped block at `p`; a viewed one only grows, in place (BufferError if it cannot)."""
         m, length = mapped
         self._check_mapped(p, m, length)
         offset = p - HEADER - m
         new_length = page_align_up(request_to_size(n) + OVERHEAD + offset, PAGE)
         if new_length == length:
             return p
-        m2 = libc.mremap(m, length, new_length, f"realloc of a mapped chunk to {size_text(n)}")
+        if viewed and new_length < length:
+            raise _view_alive(p, "shrink")
+        try:
+            m2 = libc.mremap(m, length, new_length, f"realloc of a mapped chunk to {size_text(n)}",
+                             may_move=not viewed)
+        except MemoryError:
+            if viewed:
+                raise _view_alive(p, "move") from None
+            raise
         p2 = m2 + offset + HEADER
         header = libc.memory_view(p2 - HEADER, HEADER).cast("Q")
         header[1] = (new_length - offset) | IS_MMAPPED
@@ -469,18 +524,49 @@ class ProcessAllocator:
             return (heap._w[c + 1] & SIZE_MASK) - OVERHEAD
 
     def view(self, p: SupportsIndex, n: SupportsIndex | None = None) -> memoryview:
-        """A writable memoryview of the live block at `p`: its first `n` bytes, by default all of it.
+        """A writable memoryview of the live block at `p`: its first `n` bytes, by default all of its
+        usable size (which may exceed the size asked for).
 
-        The view is valid until the block is freed; using it after that is use-after-free.
+        While the view, or any slice, cast or numpy array made from it, is alive, the block stays where it
+        is: free, and a realloc that would shrink or move it, raise BufferError and change nothing (as
+        `mmap.close()` does while buffers are exported). Release the view (`del`, `release()` or a `with`
+        block) and everything made from it first. A realloc that grows the block in place is allowed.
         """
-        usable = self.usable_size(p)
-        p = address_arg(p)
+        ptr = p if type(p) is int and p > 0 else address_arg(p)
+        exporters = self._views.get(ptr) or self._first_view(ptr)
+        if n is None:
+            return memoryview(exporters[-1]).cast("B")
+        size = n if type(n) is int and n >= 0 else size_arg(n)
+        usable = len(exporters[-1])
+        if size > usable:
+            raise ValueError(f"the block at {ptr:#x} has {usable} usable bytes, not {size}")
+        return memoryview(exporters[-1]).cast("B")[:size]
+
+    def _first_view(self, p: int) -> list[Exporter]:
+        """The exporters of the live block at `p`, made for its first view; InvalidPointer or DoubleFree
+        if it is not live."""
         if not p:
             raise InvalidPointer("cannot view address 0")
-        n = usable if n is None else size_arg(n)
-        if n > usable:
-            raise ValueError(f"the block at {p:#x} has {usable} usable bytes, not {n}")
-        return libc.memory_view(p, n)
+        if p in self._deferred:
+            raise DoubleFree(f"the block at {p:#x} has been freed")
+        main = self._main
+        if main is not None and p not in self._cached:
+            c = main.find_chunk(p)  # a live block of the main heap: checked without the lock, as free does
+            if c:
+                usable = (main._w[c + 1] & SIZE_MASK) - OVERHEAD
+                return self._views.setdefault(p, [libc.memory_exporter(p, usable)])
+        return self._views.setdefault(p, [libc.memory_exporter(p, self.usable_size(p))])
+
+    def _viewed(self, p: int) -> bool:
+        """True while a buffer made from a view of the block at `p` is alive; when none is, the block's
+        exporters are forgotten."""
+        exporters = self._views.get(p)
+        if exporters is None:
+            return False
+        if _most_referenced(exporters) > _UNSHARED:
+            return True
+        self._views.pop(p, None)
+        return False
 
     @property
     def system_current(self) -> int:
@@ -581,7 +667,9 @@ class ProcessAllocator:
         """Give free memory back to the OS now; True if anything was released (malloc_trim).
 
         Empties the fast cache into the heaps first, then releases each heap's top beyond `pad`
-        (lowering the break where it can) and the whole pages inside large free chunks.
+        (lowering the break where it can) and the whole pages inside large free chunks. Only free memory
+        goes back: the top keeps its header and a free chunk its first 32 bytes, so no byte of a live block
+        (whose last 8 bytes are the next chunk's first word) is released, and a live view never stops a trim.
         """
         pad = size_arg(pad, "pad")
         with self._lock:
