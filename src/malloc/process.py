@@ -549,13 +549,17 @@ class ProcessAllocator:
             raise InvalidPointer("cannot view address 0")
         if p in self._deferred:
             raise DoubleFree(f"the block at {p:#x} has been freed")
+        # A mapped block, or a live block of the main heap, is known without the lock, as free knows it.
+        mapped = self._mapped.get(p)
         main = self._main
-        if main is not None and p not in self._cached:
-            c = main.find_chunk(p)  # a live block of the main heap: checked without the lock, as free does
-            if c:
-                usable = (main._w[c + 1] & SIZE_MASK) - OVERHEAD
-                return self._views.setdefault(p, [libc.memory_exporter(p, usable)])
-        return self._views.setdefault(p, [libc.memory_exporter(p, self.usable_size(p))])
+        if mapped is not None:
+            m, length = mapped
+            usable = m + length - p
+        elif main is not None and p not in self._cached and (c := main.find_chunk(p)):
+            usable = (main._w[c + 1] & SIZE_MASK) - OVERHEAD
+        else:
+            usable = self.usable_size(p)
+        return self._views.setdefault(p, [libc.memory_exporter(p, usable)])
 
     def _viewed(self, p: int) -> bool:
         """True while a buffer made from a view of the block at `p` is alive; when none is, the block's
