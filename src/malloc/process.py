@@ -295,7 +295,8 @@ class ProcessAllocator:
     # ---------------------------------------------------------------- free
 
     def free(self, p: SupportsIndex) -> None:
-        """Free the block at `p`; `free(0)` does nothing. InvalidPointer or DoubleFree if `p` is not live."""
+        """Free the block at `p`; `free(0)` does nothing. InvalidPointer or DoubleFree if `p` is not live,
+        BufferError while a view of it is alive (see `view`)."""
         ptr = p if type(p) is int and p >= 0 else address_arg(p)
         if not ptr:
             return
