@@ -28,11 +28,13 @@ between two stores) and on four arrangements here:
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import warnings
 from bisect import bisect_right
 from collections.abc import Iterator
-from typing import SupportsIndex
+from sys import getrefcount
+from typing import Final, SupportsIndex
 
 from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
@@ -50,6 +52,28 @@ PAGE = libc.PAGE_SIZE
 # MMAP_AS_MORECORE_SIZE).
 FALLBACK_HEAP_MIN = 1 << 20
 MAP_FAILED = (1 << 64) - 1
+
+Exporter = ctypes.Array[ctypes.c_char]
+
+
+def _most_referenced(exporters: list[Exporter]) -> int:
+    """The highest reference count among `exporters`, as this function sees it."""
+    most = 0
+    for exporter in exporters:
+        count = getrefcount(exporter)
+        if count > most:
+            most = count
+    return most
+
+
+# What _most_referenced reports for an exporter that only its list references: measured, not assumed, as the
+# interpreter counts the loop's reference and mypyc's compiled loop borrows the list's.
+_UNSHARED: Final = _most_referenced([(ctypes.c_char * 1)()])
+
+
+def _view_alive(p: int, what: str) -> BufferError:
+    return BufferError(f"cannot {what} the block at {p:#x}: a view of it is still alive (a memoryview from "
+                       f"view(), or a slice, cast or array made from one); release it first")
 
 
 class ProcessAllocator:
@@ -85,6 +109,10 @@ class ProcessAllocator:
         self._extra = False  # perturbing or remembering requests
         self._slow = False  # _extra or _mending: the lock-free fast paths step aside
         self._trim_trigger = 0  # top size from which a free tries to trim
+        # Block address -> the objects that export its memory to view(), the newest spanning the whole block
+        # (an older one remains from before an in-place growth). A block is here from its first view until
+        # a free or realloc finds none of them referenced by any buffer: then its entry goes.
+        self._views: dict[int, list[Exporter]] = {}
         self._sync_options()
 
     # ----------------------------------------------------------- allocation
@@ -369,10 +397,13 @@ class ProcessAllocator:
     # ---------------------------------------------------------------- free
 
     def free(self, p: SupportsIndex) -> None:
-        """Free the block at `p`; `free(0)` does nothing. InvalidPointer or DoubleFree if `p` is not live."""
+        """Free the block at `p`; `free(0)` does nothing. InvalidPointer or DoubleFree if `p` is not live,
+        BufferError while a view of it is alive (see `view`)."""
         ptr = p if type(p) is int and p >= 0 else address_arg(p)
         if not ptr:
             return
+        if self._views and ptr in self._views and self._viewed(ptr):
+            raise _view_alive(ptr, "free")
         main = self._main
         if main is not None and not self._slow:
             # The common case needs no lock: a live small block of the main heap joins the fast cache.
@@ -611,11 +642,14 @@ class ProcessAllocator:
         """realloc's work under the lock: (the block's address now, the old block to free once the call
         returns or 0, the size to shrink the block to once the call returns or 0). A block that moves is in
         flight until realloc returns it."""
+        viewed = p in self._views and self._viewed(p)
         mapped = self._mapped.get(p)
         if mapped is not None:
             m, length = mapped
             self._check_mapped(p, m, length)
             if n == 0:
+                if viewed:
+                    raise _view_alive(p, "free")
                 self._free_block(p, None)
                 return 0, 0, 0
             if n > MAX_REQUEST:
@@ -623,13 +657,18 @@ class ProcessAllocator:
             nb = request_to_size(n)
             new_length = page_align_up(nb + OVERHEAD + p - HEADER - m, PAGE)
             if new_length <= length:
+                if viewed and new_length < length:
+                    raise _view_alive(p, "shrink")
                 return p, 0, new_length if new_length < length else 0
             if self._grow_mapping(p, m, length, new_length, n):
+                self._view_grown(p, viewed)
                 return p, 0, 0
             usable = length - (p - m)
         else:
             heap, c = self._live_chunk(p)
             if n == 0:
+                if viewed:
+                    raise _view_alive(p, "free")
                 self._free_block(p, None)
                 return 0, 0, 0
             if n > MAX_REQUEST:
@@ -637,17 +676,32 @@ class ProcessAllocator:
             nb = request_to_size(n)
             sz = heap.chunk_size(c)
             if nb <= sz:
-                return p, 0, nb if sz - nb >= MIN_CHUNK else 0
+                if sz - nb < MIN_CHUNK:
+                    return p, 0, 0
+                if viewed:  # a tail of a minimal chunk or more would go
+                    raise _view_alive(p, "shrink")
+                return p, 0, nb
             # A block bordering the top grows in place even past the mmap threshold (glibc would move it
             # to a mapping): moving would copy it, and a growing mapped block costs an mremap per page.
             if heap.resize_in_place(c, nb, grow_top=True):
                 self._note_system()
+                self._view_grown(p, viewed)
                 return p, 0, 0
             heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
             usable = sz - OVERHEAD
+        if viewed:
+            raise _view_alive(p, "move")
         q = self._allocate(n, nb, False)
         libc.memmove(q, p, min(usable, n))
         return q, p, 0
+
+    def _view_grown(self, p: int, viewed: bool) -> None:
+        """After the viewed block `p` grew in place: later views span the whole block."""
+        if viewed:
+            exporters = self._views[p]
+            usable = self._usable(p)
+            if usable != len(exporters[-1]):
+                exporters.append(libc.memory_exporter(p, usable))
 
     def _grow_mapping(self, p: int, m: int, length: int, new_length: int, n: int) -> bool:
         """Grow the mapped chunk at `p` in place with mremap (never moving it: a move could not be undone if
@@ -689,25 +743,64 @@ class ProcessAllocator:
         with lock:
             if self._mending and not nested:
                 self._mend()
-            mapped = self._mapped.get(ptr)
-            if mapped is not None:
-                return mapped[1] - (ptr - HEADER - mapped[0]) - HEADER
-            heap, c = self._live_chunk(ptr)
-            return heap.chunk_size(c) - OVERHEAD
+            return self._usable(ptr)
+
+    def _usable(self, p: int) -> int:
+        """Bytes usable in the live block at `p` (the lock held)."""
+        mapped = self._mapped.get(p)
+        if mapped is not None:
+            return mapped[1] - (p - HEADER - mapped[0]) - HEADER
+        heap, c = self._live_chunk(p)
+        return heap.chunk_size(c) - OVERHEAD
 
     def view(self, p: SupportsIndex, n: SupportsIndex | None = None) -> memoryview:
-        """A writable memoryview of the live block at `p`: its first `n` bytes, by default all of it.
+        """A writable memoryview of the live block at `p`: its first `n` bytes, by default all of its
+        usable size (which may exceed the size asked for).
 
-        The view is valid until the block is freed; using it after that is use-after-free.
+        While the view, or any slice, cast or numpy array made from it, is alive, the block stays where it
+        is: free, and a realloc that would shrink or move it, raise BufferError and change nothing (as
+        `mmap.close()` does while buffers are exported). Release the view (`del`, `release()` or a `with`
+        block) and everything made from it first. A realloc that grows the block in place is allowed.
         """
-        usable = self.usable_size(p)
-        p = address_arg(p)
+        ptr = p if type(p) is int and p > 0 else address_arg(p)
+        exporters = self._views.get(ptr) or self._first_view(ptr)
+        if n is None:
+            return memoryview(exporters[-1]).cast("B")
+        size = n if type(n) is int and n >= 0 else size_arg(n)
+        usable = len(exporters[-1])
+        if size > usable:
+            raise ValueError(f"the block at {ptr:#x} has {usable} usable bytes, not {size}")
+        return memoryview(exporters[-1]).cast("B")[:size]
+
+    def _first_view(self, p: int) -> list[Exporter]:
+        """The exporters of the live block at `p`, made for its first view; InvalidPointer or DoubleFree
+        if it is not live."""
         if not p:
             raise InvalidPointer("cannot view address 0")
-        n = usable if n is None else size_arg(n)
-        if n > usable:
-            raise ValueError(f"the block at {p:#x} has {usable} usable bytes, not {n}")
-        return libc.memory_view(p, n)
+        if p in self._deferred:
+            raise DoubleFree(f"the block at {p:#x} has been freed")
+        # A mapped block, or a live block of the main heap, is known without the lock, as free knows it.
+        mapped = self._mapped.get(p)
+        main = self._main
+        if mapped is not None:
+            m, length = mapped
+            usable = m + length - p
+        elif main is not None and not self._slow and p not in self._cached and (size := main.block_size(p)):
+            usable = size - OVERHEAD
+        else:
+            usable = self.usable_size(p)
+        return self._views.setdefault(p, [libc.memory_exporter(p, usable)])
+
+    def _viewed(self, p: int) -> bool:
+        """True while a buffer made from a view of the block at `p` is alive; when none is, the block's
+        exporters are forgotten."""
+        exporters = self._views.get(p)
+        if exporters is None:
+            return False
+        if _most_referenced(exporters) > _UNSHARED:
+            return True
+        self._views.pop(p, None)
+        return False
 
     @property
     def system_current(self) -> int:
@@ -817,8 +910,10 @@ class ProcessAllocator:
         """Give free memory back to the OS now; True if anything was released (malloc_trim).
 
         Empties the fast cache into the heaps first, then releases each heap's top beyond `pad`
-        (lowering the break where it can) and the whole pages inside large free chunks. Inside the
-        allocator (a signal handler's call) it does nothing and returns False.
+        (lowering the break where it can) and the whole pages inside large free chunks. Only free memory
+        goes back: the top keeps its header and a free chunk its first 32 bytes, so no byte of a live block
+        (whose last 8 bytes are the next chunk's first word) is released, and a live view never stops a trim.
+        Inside the allocator (a signal handler's call) it does nothing and returns False.
         """
         pad = size_arg(pad, "pad")
         lock = self._lock

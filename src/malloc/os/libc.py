@@ -155,6 +155,13 @@ def memory_view(address: int, size: int) -> memoryview:
     return view
 
 
+def memory_exporter(address: int, size: int) -> ctypes.Array[ctypes.c_char]:
+    """A ctypes array over `size` bytes at `address` (the caller vouches the range is mapped): an object
+    that exports them. A memoryview made from it, and every slice, cast or numpy array made from that view,
+    keeps it referenced until the last of them is gone."""
+    return (ctypes.c_char * size).from_address(address)
+
+
 def thread_count() -> int:
     """Threads in this process, C threads included.
 
