@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from ..traces.formats import Trace
 from ..traces.lab import BASELINES, Plan, TraceResult, report_json
 from ..traces.settings import Setting, SettingError, parse_setting
+from ..units import size_approx
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="FILE.svg",
                         help="draw live bytes and footprints per operation (one trace: FILE.svg; several: "
                              "FILE-<trace>.svg each); needs the extra 'plot'")
+    parser.add_argument("--timeline", metavar="OUT.html",
+                        help="also write one page stepping through the trace's operations, the heap after each "
+                             "(ours, and glibc's with --against glibc); one trace only")
     parser.add_argument("--verify", action="store_true",
                         help="also replay writing a pattern over every block and checking it")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
@@ -70,6 +75,8 @@ def _parse(args: argparse.Namespace) -> tuple[Plan, list[Path]]:
     unknown = [a for a in against if a not in BASELINES]
     if unknown:
         raise ValueError(f"--against: unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")
+    if args.timeline is not None and len(args.traces) != 1:
+        raise ValueError(f"--timeline draws one trace, not {len(args.traces)}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, not {args.repeats}")
     settings: tuple[Setting, ...] = tuple(parse_setting(text) for text in args.settings)
@@ -105,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         if plots:
             plotting.plot_trace(result, live_bytes(traces[i]), plots[i])
             print(f"plot: {plots[i]}\n", file=out, flush=True)
+        if args.timeline is not None:
+            _timeline(traces[i], args.timeline, plan, result, bar, out)
 
     start = time.perf_counter()
     results, interrupted = replay_traces(paths, traces, plan, bar.step, done)
@@ -123,6 +132,21 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 1 if any(r.errors for r in results) else 0
+
+
+def _timeline(trace: Trace, path: str, plan: Plan, result: TraceResult, bar: ProgressBar, out: TextIO) -> None:
+    """Write the timeline page of `trace`; its errors join the trace's."""
+    from ..traces.timeline import write_timeline
+
+    try:
+        written = write_timeline(trace, path, plan, bar.step)
+    except (OSError, RuntimeError) as exc:
+        result.errors.append(f"timeline: {exc}")
+        return
+    result.errors.extend(written["errors"])
+    bar.clear()
+    print(f"timeline: {path} ({size_approx(written['bytes'])}, {written['ops']:,} operations, "
+          f"{written['seconds']:.1f} s)\n", file=out, flush=True)
 
 
 def _footer(plan: Plan, count: int, elapsed: float) -> str:
