@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         if args.plot is not None:
             plotting.require_matplotlib()
         traces = [load(p) for p in paths]  # every file is checked before minutes go into the others
+        if args.timeline is not None and not traces[0].num_ops:
+            raise ValueError(f"{paths[0]}: no operations, so no timeline to draw")
     except (SettingError, ValueError, OSError, plotting.PlotUnavailable) as exc:
         # a TraceError's message names the file and line already
         print(f"malloc replay: error: {exc}", file=sys.stderr)
@@ -141,10 +143,13 @@ def _timeline(trace: Trace, path: str, plan: Plan, result: TraceResult, bar: Pro
     try:
         written = write_timeline(trace, path, plan, bar.step)
     except (OSError, RuntimeError) as exc:
-        result.errors.append(f"timeline: {exc}")
-        return
-    result.errors.extend(written["errors"])
+        written = {"errors": [str(exc)]}
+    result.errors.extend(f"timeline: {e}" for e in written["errors"])
     bar.clear()
+    for e in written["errors"]:
+        print(f"timeline: {e}", file=sys.stderr, flush=True)
+    if "bytes" not in written:
+        return
     print(f"timeline: {path} ({size_approx(written['bytes'])}, {written['ops']:,} operations, "
           f"{written['seconds']:.1f} s)\n", file=out, flush=True)
 

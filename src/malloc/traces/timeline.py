@@ -210,7 +210,8 @@ def record_glibc(libc: ctypes.CDLL, trace: Trace, settings: Sequence[tuple[int, 
                  tcache: int, buffers: Buffers, window: Window = contextlib.nullcontext) -> Json:
     """Replay `trace` through glibc (prepared as for `baselines.measure_glibc`), walking its heap after every
     operation into `buffers`; the recording as `record_ours` returns it, with "times" (when each operation
-    ended, for `add_strace`) and "start" (the replay's first chunk) instead of "calls" and "heaps"."""
+    ended, for `add_strace`), "start" (the replay's first chunk) and "brk0" (the break before the replay)
+    instead of "calls" and "heaps"."""
     from .baselines import fresh_start
 
     for param, value in settings:
@@ -334,7 +335,8 @@ def record_glibc(libc: ctypes.CDLL, trace: Trace, settings: Sequence[tuple[int, 
     with b.file:
         steps = _read_steps(b.file, trace.num_ops)
     return {"timeline": {**steps, "addr": addr.tolist(),
-                         "footprint": footprint.tolist(), "times": [begun, *times.tolist()], "start": start},
+                         "footprint": footprint.tolist(), "times": [begun, *times.tolist()], "start": start,
+                         "brk0": brk0},
             "foreign_brk_moves": foreign}
 
 
@@ -427,6 +429,8 @@ def write_timeline(trace: Trace, out: str | os.PathLike[str], plan: Any,
     from .opsfile import write_ops
     from .replay import live_bytes
 
+    if not trace.num_ops:
+        raise ValueError(f"trace {trace.name!r} has no operations: no timeline to draw")
     t0 = time.perf_counter()
     errors: list[str] = []
     sides: list[Side] = []
