@@ -54,16 +54,17 @@ def mixed_trace(n: int = 1000, seed: int = 13) -> Trace:
 
 
 def long_trace(n: int = 100_000, seed: int = 7) -> Trace:
-    """`n` operations over a few dozen live blocks at a time: long, but a small heap."""
+    """`n` operations over at most 16 live blocks of a few sizes: long, but a small heap (the recording walks
+    the whole heap after every operation)."""
     rng = random.Random(seed)
     ops: list[Op] = []
     live: list[int] = []
     ids = 0
     for _ in range(n):
-        if live and (len(live) >= 40 or rng.random() < 0.45):
+        if live and (len(live) >= 16 or rng.random() < 0.45):
             ops.append((FREE, live.pop(rng.randrange(len(live))), 0))
         else:
-            ops.append((ALLOC, ids, rng.choice((rng.randint(1, 200), rng.randint(200, 3000)))))
+            ops.append((ALLOC, ids, rng.choice((24, 40, 100, 200, 700, 1500, 3000))))
             live.append(ids)
             ids += 1
     return Trace("long", ids, tuple(ops))

@@ -50,10 +50,13 @@ Chunk4 = tuple[int, int, int, int]
 def encode(chunks: Iterable[Chunk]) -> list[Chunk4]:
     """Chunks from a walk as (gap, size, state code, bin or request) tuples."""
     out: list[Chunk4] = []
+    append = out.append
+    code = CODE
     end = 0
     for c in chunks:
-        out.append((c.address - end, c.size, CODE[c.state], c.bin if c.state == "free" else c.request))
-        end = c.address + c.size
+        address, size, state = c.address, c.size, c.state
+        append((address - end, size, code[state], c.bin if state == "free" else c.request))
+        end = address + size
     return out
 
 
