@@ -95,7 +95,7 @@ main { max-width: 1500px; }
 #opline { font-family: ui-monospace, Menlo, Consolas, monospace; margin: 4px 0 8px; }
 #readout { color: #555; font-size: 13px; }
 #chart { background: #fff; box-shadow: 0 1px 2px rgba(0,0,0,.08); height: 120px; }
-#chart polyline { fill: none; stroke-width: 1.5; vector-effect: non-scaling-stroke; }
+#chart polyline { fill: none; vector-effect: non-scaling-stroke; }
 #chart .cursor { stroke: #d62728; stroke-width: 1.5; vector-effect: non-scaling-stroke; }
 .keys { color: #666; font-size: 12px; }
 #sides { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 18px; }
@@ -449,14 +449,15 @@ _SCRIPT = r"""
     var chart = document.getElementById("chart"), lines = [D.chart.live].concat(D.chart.sides);
     var top = 1;
     lines.forEach(function (l) { l.forEach(function (v) { if (v > top) { top = v; } }); });
-    var colours = ["#555", "#4e79a7", "#e15759", "#59a14f"];
+    var colours = ["#555", "#4e79a7", "#e15759", "#59a14f"], widths = ["1.5", "1.5", "3.5", "3.5"];
     var svg = "";
-    lines.forEach(function (l, i) {
-      var pts = l.map(function (v, j) {
+    // Later allocators first, wider and paler: where the footprints agree, ours shows on top of theirs.
+    lines.map(function (l, i) { return i; }).reverse().forEach(function (i) {
+      var l = lines[i], pts = l.map(function (v, j) {
         return (l.length > 1 ? 1000 * j / (l.length - 1) : 0).toFixed(1) + "," + (100 - 96 * v / top).toFixed(2);
       });
-      svg += '<polyline points="' + pts.join(" ") + '" stroke="' + colours[i] + '"' +
-             (i === 0 ? ' stroke-dasharray="4 3"' : "") + "></polyline>";
+      svg += '<polyline points="' + pts.join(" ") + '" stroke="' + colours[i] + '" stroke-width="' + widths[i] +
+             '"' + (i === 0 ? ' stroke-dasharray="4 3"' : i > 1 ? ' stroke-opacity=".55"' : "") + "></polyline>";
     });
     svg += '<line id="cursor" class="cursor" x1="0" x2="0" y1="0" y2="100"></line>';
     chart.innerHTML = svg;
