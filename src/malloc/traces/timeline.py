@@ -8,11 +8,13 @@ else the bytes asked for (-1 when not known). A page steps to operation k by cop
 before k and applying the splices after it.
 
 Ours is walked with the engine's own `walk()`, its system calls come from `malloc.trace()` with their
-reasons. glibc is walked the way gdb's heap tools walk it: from the replay's first chunk (the stand-in for a
-fresh program's tcache, see `baselines.fresh_start`) to the top, by the chunk headers' sizes, a chunk being
-free when the next one's PREV_INUSE bit is clear, so chunks in glibc's tcache and fastbins read as in use;
-its mapped chunks are the replay's blocks whose header says IS_MMAPPED. That walk allocates nothing from the
-C library (every buffer is made before glibc's heap is prepared), so it cannot disturb the heap it reads.
+reasons; the C library is given room first, so that the recording's own lists do not move the break.
+
+glibc is walked the way gdb's heap tools walk it: from the replay's first chunk (the stand-in for a fresh
+program's tcache, see `baselines.fresh_start`) to the top, by the chunk headers' sizes, a chunk being free
+when the next one's PREV_INUSE bit is clear, so chunks in glibc's tcache and fastbins read as in use; its
+mapped chunks are the replay's blocks whose header says IS_MMAPPED. That walk allocates nothing from the C
+library (every buffer is made before glibc's heap is prepared), so it cannot disturb the heap it reads.
 glibc's system calls per operation come from strace's timestamps against the times the worker noted after
 each operation.
 """
@@ -43,6 +45,7 @@ KEY_EVERY = 1000  # the most splices a page applies to reach a step from its key
 HEADER = 16  # a block starts 16 bytes after its chunk, in glibc and ours alike
 IS_MMAPPED = 2
 PREV_INUSE = 1
+M_TRIM_THRESHOLD, M_TOP_PAD = -1, -2  # glibc's mallopt parameters
 
 Chunk4 = tuple[int, int, int, int]
 
@@ -146,9 +149,12 @@ def record_ours(trace: Trace, settings: Sequence[tuple[int, int]], table: list[A
     """
     import malloc
 
+    from .baselines import glibc
+
     for param, value in settings:
         malloc.mallopt(param, value)
     malloc.remember_requests()
+    _pin_glibc(glibc())
     allocator = malloc.allocator
     api = (malloc.malloc, malloc.free, malloc.realloc)
     n = trace.num_ops
@@ -170,6 +176,22 @@ def record_ours(trace: Trace, settings: Sequence[tuple[int, int]], table: list[A
     heaps = [[h.base, f"heap {j} ({h.region.kind})"] for j, h in enumerate(allocator.heaps)]
     return {"timeline": {**steps.to_json(), "addr": addr, "footprint": footprint, "calls": calls_by_step,
                          "heaps": heaps}}
+
+
+def _pin_glibc(libc: ctypes.CDLL, pad: int = 64 << 20) -> None:
+    """Make the C library take `pad` bytes of break now and keep them (no trimming): the lists this recording
+    grows then come from that room, and do not move the break between our heap's growths, where they would
+    show as foreign chunks that a replay without a recording does not have."""
+    if libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) != 1 or libc.mallopt(M_TOP_PAD, pad) != 1:
+        raise RuntimeError("the C library refused mallopt")
+    start = libc.sbrk(0)
+    blocks: list[int] = []
+    # Blocks under glibc's mmap threshold come from its heap; the first its top cannot serve grows the break
+    # by the block and the pad.
+    while libc.sbrk(0) == start and len(blocks) < 4096:
+        blocks.append(libc.malloc(64 << 10))
+    for block in blocks:
+        libc.free(block)
 
 
 # ----------------------------------------------------------------------------- glibc
