@@ -289,6 +289,19 @@ def test_glibcs_walk_tiles_its_heap_and_holds_every_live_block(mixed: tuple[Trac
     assert any(t.startswith("brk(") for t in calls) and any(t.startswith("mmap(") for t in calls)
 
 
+def test_system_calls_go_to_the_operations_that_made_them(mixed: tuple[Trace, Path, str]) -> None:
+    """Every operation after which an allocator held a different number of bytes from the OS made a system
+    call, and it is listed at that operation (ours from its log, glibc's from strace's timestamps)."""
+    _, _, page = mixed
+    for side in page_data(page)["sides"]:  # type: ignore[attr-defined]
+        footprint = side["footprint"]
+        changed = {k for k in range(1, len(footprint)) if footprint[k] != footprint[k - 1]}
+        listed = {k for k, _ in side["calls"]}
+        assert changed and changed <= listed, (side["name"], sorted(changed - listed))
+        for k, calls in side["calls"]:
+            assert calls and all(text and reason for text, reason in calls), (side["name"], k)
+
+
 def test_glibcs_recorded_footprint_is_the_labs(mixed: tuple[Trace, Path, str], tmp_path: Path) -> None:
     """The walk allocates nothing from glibc: its footprint after every operation is the one the lab samples
     in a replay that does nothing else."""
