@@ -2,7 +2,8 @@
 
 Every replay runs in a fresh interpreter (see `malloc.traces.lab`). Settings, traces and the plot extra are
 checked before anything runs. Ctrl-C stops at once, kills the running worker, and still prints (and writes
-as JSON) the traces already done; the exit status is then 130.
+as JSON) the traces already done; the exit status is then 130. With --timeline, one trace's page stepping
+through its operations is written too (`malloc.traces.timeline`).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = sys.stderr if args.json == "-" else sys.stdout
     plots = plotting.plot_paths(args.plot, [t.name for t in traces]) if args.plot is not None else []
-    bar = ProgressBar(plan.runs_per_trace() * len(traces))
+    bar = ProgressBar(plan.runs_per_trace() * len(traces) + (args.timeline is not None))
 
     def done(i: int, result: TraceResult) -> None:
         bar.clear()
