@@ -122,21 +122,6 @@ def _flat(rows: Iterable[Chunk4]) -> list[int]:
     return [x for row in rows for x in row]
 
 
-def chunks_at(recording: Json, step: int) -> list[Chunk]:
-    """The chunks after operation `step` of a recording (its "keys" and "splices"), as a page computes them."""
-    keys = recording["keys"]
-    k = bisect.bisect_right([key[0] for key in keys], step) - 1
-    first, flat = keys[k]
-    rows = _rows(flat)
-    for s in recording["splices"][first + 1:step + 1]:
-        rows[s[0]:s[0] + s[1]] = _rows(s[2:])
-    return decode(rows)
-
-
-def _rows(flat: Sequence[int]) -> list[Chunk4]:
-    return [(flat[i], flat[i + 1], flat[i + 2], flat[i + 3]) for i in range(0, len(flat), 4)]
-
-
 # ----------------------------------------------------------------------------- ours
 
 
