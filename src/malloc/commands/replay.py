@@ -2,7 +2,8 @@
 
 Every replay runs in a fresh interpreter (see `malloc.traces.lab`). Settings, traces and the plot extra are
 checked before anything runs. Ctrl-C stops at once, kills the running worker, and still prints (and writes
-as JSON) the traces already done; the exit status is then 130.
+as JSON) the traces already done; the exit status is then 130. With --timeline, one trace's page stepping
+through its operations is written too (`malloc.traces.timeline`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from ..traces.formats import Trace
 from ..traces.lab import BASELINES, Plan, TraceResult, report_json
 from ..traces.settings import Setting, SettingError, parse_setting
+from ..units import size_approx
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="FILE.svg",
                         help="draw live bytes and footprints per operation (one trace: FILE.svg; several: "
                              "FILE-<trace file name>.svg each); needs the extra 'plot'")
+    parser.add_argument("--timeline", metavar="OUT.html",
+                        help="also write one page stepping through the trace's operations, the heap after each "
+                             "(ours, and glibc's with --against glibc); one trace only")
     parser.add_argument("--verify", action="store_true",
                         help="also replay writing a pattern over every block and checking it")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
@@ -70,6 +76,8 @@ def _parse(args: argparse.Namespace) -> tuple[Plan, list[Path]]:
     unknown = [a for a in against if a not in BASELINES]
     if unknown:
         raise ValueError(f"--against: unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")
+    if args.timeline is not None and len(args.traces) != 1:
+        raise ValueError(f"--timeline draws one trace, not {len(args.traces)}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, not {args.repeats}")
     settings: tuple[Setting, ...] = tuple(parse_setting(text) for text in args.settings)
@@ -91,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         if args.plot is not None:
             plotting.require_matplotlib()
         traces = [load(p) for p in paths]  # every file is checked before minutes go into the others
+        if args.timeline is not None and not traces[0].num_ops:
+            raise ValueError(f"{paths[0]}: no operations, so no timeline to draw")
     except (SettingError, ValueError, OSError, plotting.PlotUnavailable) as exc:
         # a TraceError's message names the file and line already
         print(f"malloc replay: error: {exc}", file=sys.stderr)
@@ -101,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout
     labels = [trace_label(p, paths) for p in paths]
     plots = plotting.plot_paths(args.plot, paths) if args.plot is not None else []
-    bar = ProgressBar(plan.runs_per_trace() * len(traces))
+    bar = ProgressBar(plan.runs_per_trace() * len(traces) + (args.timeline is not None))
 
     def done(i: int, result: TraceResult) -> None:
         bar.clear()
@@ -109,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         if plots:
             plotting.plot_trace(result, live_bytes(traces[i]), plots[i], labels[i])
             print(f"plot: {plots[i]}\n", file=out, flush=True)
+        if args.timeline is not None:
+            _timeline(traces[i], args.timeline, plan, result, bar, out)
 
     start = time.perf_counter()
     results, interrupted = replay_traces(paths, traces, plan, bar.step, done)
@@ -129,6 +141,24 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 1 if any(r.errors for r in results) else 0
+
+
+def _timeline(trace: Trace, path: str, plan: Plan, result: TraceResult, bar: ProgressBar, out: TextIO) -> None:
+    """Write the timeline page of `trace`; its errors join the trace's."""
+    from ..traces.timeline import write_timeline
+
+    try:
+        written = write_timeline(trace, path, plan, bar.step)
+    except (OSError, RuntimeError) as exc:
+        written = {"errors": [str(exc)]}
+    result.errors.extend(f"timeline: {e}" for e in written["errors"])
+    bar.clear()
+    for e in written["errors"]:
+        print(f"timeline: {e}", file=sys.stderr, flush=True)
+    if "bytes" not in written:
+        return
+    print(f"timeline: {path} ({size_approx(written['bytes'])}, {written['ops']:,} operations, "
+          f"{written['seconds']:.1f} s)\n", file=out, flush=True)
 
 
 def _footer(plan: Plan, count: int, elapsed: float) -> str:

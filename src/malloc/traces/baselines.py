@@ -302,13 +302,14 @@ def measure_mpheap(trace: Trace, mode: str, table: list[Any], samples: list[int]
 
 class SelfTrace:
     """`strace -k` attached to this process from now until `stop()`: the interpreter's start-up stays out of
-    the log, and so does the cost of unwinding its stacks."""
+    the log, and so does the cost of unwinding its stacks. With `timestamps`, every call's line starts with
+    its time (`-ttt`: seconds since the epoch, to the microsecond)."""
 
-    def __init__(self, log: str) -> None:
+    def __init__(self, log: str, timestamps: bool = False) -> None:
         self.log = log  # the parent's to delete: this process may die with the allocator
         calls = ",".join((*STRACE_CALLS, "access", "faccessat", "faccessat2"))
-        self.proc = subprocess.Popen(["strace", "-qq", "-k", "-o", self.log, "-e", "trace=" + calls,
-                                      "-p", str(os.getpid())], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(["strace", "-qq", "-k", *(["-ttt"] if timestamps else []), "-o", self.log,
+                                      "-e", "trace=" + calls, "-p", str(os.getpid())], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not self._attached():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -380,7 +381,7 @@ def count_strace(log: str, origin: Origin = from_foreign_call) -> tuple[dict[str
             continue
         flush()
         stack = []
-        name = line.split("(", 1)[0].strip()
+        name = line.split("(", 1)[0].rpartition(" ")[2]  # after the timestamp, if there is one
         if BEGIN_MARK in line:
             inside = True
         elif END_MARK in line:

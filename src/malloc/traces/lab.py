@@ -132,6 +132,18 @@ class TraceResult:
         return out
 
 
+@dataclass(frozen=True)
+class Job:
+    """One replay for a worker: the allocator, the mode, the trace file, and the worker's options."""
+
+    alloc: str
+    mode: str
+    path: str | os.PathLike[str]
+    settings: tuple[Setting, ...] = ()
+    strace: bool = False
+    series: bool = False
+
+
 def run_worker(alloc: str, mode: str, path: str | os.PathLike[str], settings: Sequence[Setting] = (),
                strace: bool = False, series: bool = False) -> Json:
     """One replay in a fresh interpreter; its JSON result (with "error" if the replay failed).
@@ -139,29 +151,42 @@ def run_worker(alloc: str, mode: str, path: str | os.PathLike[str], settings: Se
     WorkerError if the worker died without a result. If this call is interrupted (Ctrl-C), the worker is
     killed by its pid before the exception goes on.
     """
-    cmd = [sys.executable, "-c", START, alloc, mode, os.fspath(path)]
-    cmd += [f"--set={s}" for s in settings]
-    if series:
-        cmd.append("--series")
+    return run_workers([Job(alloc, mode, path, tuple(settings), strace, series)])[0]
+
+
+def run_workers(jobs: Sequence[Job]) -> list[Json]:
+    """`run_worker` for several jobs at once, each worker a fresh interpreter of its own; their results in
+    order. WorkerError if any died without a result; if this call is interrupted (Ctrl-C), every worker
+    still running is killed by its pid before the exception goes on."""
     env = dict(os.environ, PYTHONHASHSEED="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT, env.get("PYTHONPATH"))))
+    procs: list[subprocess.Popen[str]] = []
     with tempfile.TemporaryDirectory(prefix="malloc-replay-") as tmp:
-        if strace:
-            cmd.append("--strace=" + str(Path(tmp) / "strace.log"))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            out, err = proc.communicate(timeout=WORKER_TIMEOUT)
-        except BaseException:  # Ctrl-C or the timeout: the worker must not outlive this call
-            proc.kill()
-            proc.wait()
+            for n, job in enumerate(jobs):
+                cmd = [sys.executable, "-c", START, job.alloc, job.mode, os.fspath(job.path)]
+                cmd += [f"--set={s}" for s in job.settings]
+                if job.series:
+                    cmd.append("--series")
+                if job.strace:
+                    cmd.append("--strace=" + str(Path(tmp) / f"strace-{n}.log"))
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env=env))
+            outputs = [proc.communicate(timeout=WORKER_TIMEOUT) for proc in procs]
+        except BaseException:  # Ctrl-C or the timeout: no worker may outlive this call
+            for proc in procs:
+                proc.kill()
+                proc.wait()
             raise
-    lines = out.strip().splitlines()
-    try:
-        result: Json = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        rc = proc.returncode
-        raise WorkerError(f"{alloc} {mode} worker died (exit status {rc}): {err.strip()}") from None
-    return result
+    results: list[Json] = []
+    for job, proc, (out, err) in zip(jobs, procs, outputs, strict=True):
+        lines = out.strip().splitlines()
+        try:
+            results.append(json.loads(lines[-1]))
+        except (IndexError, json.JSONDecodeError):
+            rc = proc.returncode
+            raise WorkerError(f"{job.alloc} {job.mode} worker died (exit status {rc}): {err.strip()}") from None
+    return results
 
 
 def replay_trace(path: str | os.PathLike[str], plan: Plan, progress: Progress | None = None,
