@@ -154,8 +154,8 @@ def record_ours(trace: Trace, settings: Sequence[tuple[int, int]], table: list[A
             seen = len(calls)
             replay((op,), table, *api)
             addr[k] = table[i] or old  # a free's (or a realloc to 0's) is the block it freed
+            steps.add(encode(allocator.walk()))  # first: a walk finishes the work an operation deferred
             footprint[k] = allocator.system_current
-            steps.add(encode(allocator.walk()))
             if len(calls) > seen:
                 calls_by_step.append([k, [[e.text(), e.reason] for e in calls[seen:]]])
     heaps = [[h.base, f"heap {j} ({h.region.kind})"] for j, h in enumerate(allocator.heaps)]
