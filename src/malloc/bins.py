@@ -5,14 +5,15 @@ neighbours in the list through its `next` (word w+2) and `prev` (w+3) words, 0 e
 Small bins hold one size each, so any member fits. Large bins are kept sorted by size, smallest first,
 so the first member that fits is the best fit. Two bitmap words mark non-empty small and large bins.
 
-An engine operation first decides and then commits (see heap.py): `take` and `slot` only read (they check
-a chunk's links and work out where an unlink's and an insert's writes go), and `relink` makes all those
-writes in one straight run, with no call and no loop, so that nothing can interrupt it half-way. Plans are
-made on the heap as it is before the commit, so a plan names the chunks the same commit unlinks first
-(`gone`), and the later plan steps over them.
+An engine operation first decides and then commits (see heap.py). `relink` is the bins' part of a commit:
+it checks and plans an unlink or two and an insert (reading only; `slot` finds an insert's place), then makes
+all their writes in one straight run, with no call and no loop, so that nothing can interrupt it half-way.
+Plans are made on the heap as it is before the commit, so a later plan steps over the chunks the same commit
+unlinks first.
 
 The functions take the heap's word view `W`, its base address (for messages), and chunks as word indices;
-sizes are in bytes.
+sizes are in bytes. A chunk's bin is `layout.bin_index`, written out here with the large sizes by table:
+these are the engine's hottest lines, and a call costs more than the lookup.
 """
 
 from __future__ import annotations
@@ -25,57 +26,27 @@ H_SMALLMAP = 9
 H_LARGEMAP = 10
 H_BINS = 16
 
-Unlink = tuple[int, int, int, int]  # (chunk, its next, its previous, its bin)
 Slot = tuple[int, int, int]  # (bin, the chunk to insert after or 0 for the head, the chunk to insert before or 0)
-
-
-def index(size: int) -> int:
-    """The bin of a free chunk of `size` bytes (layout.bin_index, with the large sizes by table)."""
-    if size < SMALL_LIMIT:
-        return size >> 4
-    return LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
-
-
-def take(W: memoryview, base: int, c: int, size: int, gone: int = 0) -> Unlink:
-    """The plan to unlink the free chunk at word `c` of `size` bytes, after checking its links both ways as
-    glibc's unlink does (HeapCorruption when they are broken). `gone` is a chunk the same commit unlinks
-    first: where it is c's neighbour in the list, c's links step over it."""
-    try:
-        nxt = W[c + 2]
-        prv = W[c + 3]
-        if nxt and W[nxt + 3] != c:
-            raise HeapCorruption(f"free chunk at {base + (c << 3):#x}: its next chunk does not link back",
-                                 base + (c << 3))
-        i = index(size)
-        if prv:
-            if W[prv + 2] != c:
-                raise HeapCorruption(f"free chunk at {base + (c << 3):#x}: its previous chunk does not link to it",
-                                     base + (c << 3))
-        elif W[H_BINS + i] != c:
-            raise HeapCorruption(f"free chunk at {base + (c << 3):#x} is not in the bin for size {size}",
-                                 base + (c << 3))
-        if gone:
-            if nxt == gone:
-                nxt = W[gone + 2]
-            elif prv == gone:
-                prv = W[gone + 3]
-    except IndexError:
-        raise HeapCorruption(f"free chunk at {base + (c << 3):#x}: its links lead out of the heap",
-                             base + (c << 3)) from None
-    return c, nxt, prv, i
 
 
 def slot(W: memoryview, base: int, size: int, gone: int = 0, gone2: int = 0) -> Slot:
     """Where a free chunk of `size` bytes goes: the head of its small bin, or its place by size in its large
     bin, once the chunks `gone` and `gone2` (unlinked by the same commit) are out of the list. The links
     walked are checked (HeapCorruption when they are broken or lead out of the heap)."""
-    i = index(size)
+    i = size >> 4 if size < SMALL_LIMIT else LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
     cur = W[H_BINS + i]
     last = prev = 0
     try:
         if size < SMALL_LIMIT:
             while cur and cur in (gone, gone2):
                 last = cur
+                cur = W[cur + 2]
+        elif not (gone or gone2):  # the common case, without the steps over unlinked chunks
+            while cur and (W[cur + 1] & SIZE_MASK) < size:
+                if W[cur + 3] != last:  # also ends a cycle made by an overwritten link
+                    raise HeapCorruption(f"free chunk at {base + (cur << 3):#x}: back link broken",
+                                         base + (cur << 3))
+                last = prev = cur
                 cur = W[cur + 2]
         else:
             while cur and (cur in (gone, gone2) or (W[cur + 1] & SIZE_MASK) < size):
@@ -93,50 +64,89 @@ def slot(W: memoryview, base: int, size: int, gone: int = 0, gone2: int = 0) -> 
     return i, prev, cur
 
 
-def relink(W: memoryview, a: Unlink | None, b: Unlink | None, r: int, s: Slot | None) -> None:
-    """Commit: unlink `a`, then `b` (plans from `take`, None for none), then insert the chunk at word `r`
-    where `s` (a plan from `slot`) says, when `r` is not 0. Straight-line stores only: an exception from a
-    signal handler can come before this function's first store, never between two of them."""
-    if a is not None:
-        _c, nxt, prv, i = a
-        if prv:
-            W[prv + 2] = nxt
-        else:
-            W[H_BINS + i] = nxt
-            if not nxt:
-                if i < 64:
-                    W[H_SMALLMAP] &= ~(1 << i)
-                else:
-                    W[H_LARGEMAP] &= ~(1 << (i - 64))
-        if nxt:
-            W[nxt + 3] = prv
-    if b is not None:
-        _c, nxt, prv, i = b
-        if prv:
-            W[prv + 2] = nxt
-        else:
-            W[H_BINS + i] = nxt
-            if not nxt:
-                if i < 64:
-                    W[H_SMALLMAP] &= ~(1 << i)
-                else:
-                    W[H_LARGEMAP] &= ~(1 << (i - 64))
-        if nxt:
-            W[nxt + 3] = prv
+def relink(W: memoryview, base: int, a: int, asize: int, b: int, bsize: int, r: int, rsize: int,
+           dry: bool = False) -> None:
+    """Unlink the free chunk `a` (of `asize` bytes; 0 for none), then `b`, then insert the chunk `r` of `rsize`
+    bytes (0 for none) where it belongs: an engine operation's commit for the bins.
+
+    First every link is checked, both ways, as glibc's unlink checks them (HeapCorruption, nothing changed,
+    when one is broken), and the places are planned: `b`'s links step over `a` where they are neighbours, and
+    `r`'s place steps over both. `dry` stops there. Then all the stores, in one straight run with no call and
+    no loop between them: an exception from a signal handler can come before the first store, never between
+    two.
+    """
+    an = ap = ai = bn = bp = bi = 0
+    try:
+        if a:
+            an = W[a + 2]
+            ap = W[a + 3]
+            ai = asize >> 4 if asize < SMALL_LIMIT else LARGE_BIN[asize >> 6] if asize < LARGE_TABLE_LIMIT else 127
+            if an and W[an + 3] != a:
+                raise HeapCorruption(f"free chunk at {base + (a << 3):#x}: its next chunk does not link back",
+                                     base + (a << 3))
+            if W[ap + 2] != a if ap else W[H_BINS + ai] != a:
+                raise HeapCorruption(f"free chunk at {base + (a << 3):#x} is not in its bin's list",
+                                     base + (a << 3))
+        if b:
+            bn = W[b + 2]
+            bp = W[b + 3]
+            bi = bsize >> 4 if bsize < SMALL_LIMIT else LARGE_BIN[bsize >> 6] if bsize < LARGE_TABLE_LIMIT else 127
+            if bn and W[bn + 3] != b:
+                raise HeapCorruption(f"free chunk at {base + (b << 3):#x}: its next chunk does not link back",
+                                     base + (b << 3))
+            if W[bp + 2] != b if bp else W[H_BINS + bi] != b:
+                raise HeapCorruption(f"free chunk at {base + (b << 3):#x} is not in its bin's list",
+                                     base + (b << 3))
+            if a:  # neighbours in one list: b's links step over a, which goes first
+                if bn == a:
+                    bn = an
+                elif bp == a:
+                    bp = ap
+    except IndexError:
+        c = a or b
+        raise HeapCorruption(f"free chunk at {base + (c << 3):#x}: its links lead out of the heap",
+                             base + (c << 3)) from None
     if r:
-        i, prev, cur = s  # type: ignore[misc]
-        W[r + 2] = cur
-        W[r + 3] = prev
-        if cur:
-            W[cur + 3] = r
-        if prev:
-            W[prev + 2] = r
+        ri, rp, rc = slot(W, base, rsize, a, b)
+    if dry:
+        return
+    if a:
+        if ap:
+            W[ap + 2] = an
         else:
-            W[H_BINS + i] = r
-            if i < 64:
-                W[H_SMALLMAP] |= 1 << i
+            W[H_BINS + ai] = an
+            if not an:
+                if ai < 64:
+                    W[H_SMALLMAP] &= ~(1 << ai)
+                else:
+                    W[H_LARGEMAP] &= ~(1 << (ai - 64))
+        if an:
+            W[an + 3] = ap
+    if b:  # written out again, not looped: a loop's backward jump is where a handler could run
+        if bp:
+            W[bp + 2] = bn
+        else:
+            W[H_BINS + bi] = bn
+            if not bn:
+                if bi < 64:
+                    W[H_SMALLMAP] &= ~(1 << bi)
+                else:
+                    W[H_LARGEMAP] &= ~(1 << (bi - 64))
+        if bn:
+            W[bn + 3] = bp
+    if r:
+        W[r + 2] = rc
+        W[r + 3] = rp
+        if rc:
+            W[rc + 3] = r
+        if rp:
+            W[rp + 2] = r
+        else:
+            W[H_BINS + ri] = r
+            if ri < 64:
+                W[H_SMALLMAP] |= 1 << ri
             else:
-                W[H_LARGEMAP] |= 1 << (i - 64)
+                W[H_LARGEMAP] |= 1 << (ri - 64)
 
 
 def members(W: memoryview, i: int) -> list[int]:

@@ -44,6 +44,8 @@ from .layout import (
     FOREIGN,
     HEADER,
     IS_MMAPPED,
+    LARGE_BIN,
+    LARGE_TABLE_LIMIT,
     MAX_REQUEST,
     MIN_CHUNK,
     N_BINS,
@@ -190,9 +192,23 @@ class Heap:
         return self._w[c + 1] & SIZE_MASK
 
     def block_size(self, p: int) -> int:
-        """The chunk size of the live block at address `p`, or 0 when the cheap checks of `find_chunk` fail."""
-        c = self.find_chunk(p)
-        return self._w[c + 1] & SIZE_MASK if c else 0
+        """The chunk size of the live block at address `p`, or 0 when the cheap checks of `find_chunk` fail
+        (the same checks, written out: free's hot path asks this once)."""
+        W = self._w
+        off = p - self.base - HEADER
+        if off & 15:
+            return 0
+        c = off >> 3
+        t = W[H_TOP]
+        if c < HEAP_WORDS or c >= t:
+            return 0
+        h = W[c + 1]
+        size = h & SIZE_MASK
+        n = c + (size >> 3)
+        if h >> TAG_SHIFT != (c | 1) & TAG_BITS or h & (IS_MMAPPED | FOREIGN) \
+                or n - c < 4 or n > t or not W[n + 1] & PREV_INUSE:
+            return 0
+        return size
 
     def owns(self, address: int) -> bool:
         """Whether `address` lies in this heap's chunks."""
@@ -315,7 +331,20 @@ class Heap:
                 m = W[H_LARGEMAP]
                 c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
         else:
-            i, _prev, c = bins.slot(W, self.base, nb)  # the first chunk that fits: the best, as the bin is sorted
+            # The first chunk that fits is the best, as the bin is sorted (bins.slot's walk, written out: this
+            # is the engine's hottest loop, and a call costs more than most walks).
+            i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
+            c = W[H_BINS + i]
+            prev = 0
+            try:
+                while c and (W[c + 1] & SIZE_MASK) < nb:
+                    if W[c + 3] != prev:  # also ends a cycle made by an overwritten link
+                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: back link broken",
+                                             self.base + (c << 3))
+                    prev = c
+                    c = W[c + 2]
+            except IndexError:
+                raise HeapCorruption(f"bin {i}'s links lead out of the heap", self.base + (prev << 3)) from None
             if not c:
                 m = W[H_LARGEMAP] >> (i - 63)
                 c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
@@ -327,17 +356,15 @@ class Heap:
             if sz < nb or c + (sz >> 3) >= t:
                 raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
                                      self.base + (c << 3))
-            u = bins.take(W, self.base, c, sz)
             rem = sz - nb
             if rem >= MIN_CHUNK:
                 r = c + (nb >> 3)
-                s = bins.slot(W, self.base, rem, c)
-                bins.relink(W, u, None, r, s)
+                bins.relink(W, self.base, c, sz, 0, 0, r, rem)
                 W[r + 1] = rem | PREV_INUSE
                 W[r + (rem >> 3)] = rem
                 sz = nb
             else:
-                bins.relink(W, u, None, 0, None)
+                bins.relink(W, self.base, c, sz, 0, 0, 0, 0)
                 W[c + (sz >> 3) + 1] |= PREV_INUSE
             # A free chunk's predecessor is always in use (free neighbours are coalesced).
             W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
@@ -535,32 +562,46 @@ class Heap:
                 raise HeapCorruption(f"header of the chunk after {base + (c << 3):#x} was overwritten",
                                      base + (n << 3))
         pc = psz = 0
-        a = b = None
         if not h & PREV_INUSE:
             psz = W[c]
             pc = c - (psz >> 3)
             if psz < MIN_CHUNK or psz & 15 or pc < HEAP_WORDS or (W[pc + 1] & ~PREV_INUSE) != psz:
                 raise HeapCorruption(f"chunk before {base + (c << 3):#x} has a bad boundary tag {psz}",
                                      base + (c << 3))
-            a = bins.take(W, base, pc, psz)
             c = pc
             sz += psz
-        if next_free:
-            b = bins.take(W, base, n, nsz, pc)  # both neighbours go: both are checked before either changes
+        b = n if next_free else 0
+        if b:
             sz += nsz
         if check_only:
+            bins.relink(W, base, pc, psz, b, nsz, 0, 0, dry=True)  # both neighbours' links, before either goes
             return 0
         # A chunk merged into the one before keeps its old header inside the merged chunk: its in-use tag
         # goes, so that the freed block no longer passes `find_chunk` (a second free is caught).
         old = n - ((h & SIZE_MASK) >> 3)
         if n == t:
-            if a is not None:
-                bins.relink(W, a, None, 0, None)
+            if pc:
+                bins.relink(W, base, pc, psz, 0, 0, 0, 0)
             W[old + 1] = h & ~TAG_MASK
             W[c + 1] = (sz + nsz) | PREV_INUSE
             W[H_TOP] = c
             return sz + nsz
-        bins.relink(W, a, b, c, bins.slot(W, base, sz, pc, n if next_free else 0))
+        if sz < SMALL_LIMIT and not pc and not b:
+            # The common case, a small chunk between chunks in use, written out: it goes to the head of its
+            # bin (bins.relink's insert, with no call before the stores).
+            i = sz >> 4
+            head = W[H_BINS + i]
+            if head and W[head + 3]:
+                raise HeapCorruption(f"free chunk at {base + (head << 3):#x}: back link broken", base + (head << 3))
+            W[c + 2] = head
+            W[c + 3] = 0
+            if head:
+                W[head + 3] = c
+            else:
+                W[H_SMALLMAP] |= 1 << i
+            W[H_BINS + i] = c
+        else:
+            bins.relink(W, base, pc, psz, b, nsz, c, sz)
         if not next_free:
             W[n + 1] = nh & ~PREV_INUSE
         W[old + 1] = h & ~TAG_MASK
@@ -614,16 +655,15 @@ class Heap:
         nsz = nh & SIZE_MASK
         if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
             return False
-        u = bins.take(W, self.base, n, nsz)
         total = sz + nsz
         if total - nb >= MIN_CHUNK:
             r = c + (nb >> 3)
-            bins.relink(W, u, None, r, bins.slot(W, self.base, total - nb, n))
+            bins.relink(W, self.base, n, nsz, 0, 0, r, total - nb)
             W[r + 1] = (total - nb) | PREV_INUSE
             W[c + (total >> 3)] = total - nb
             total = nb
         else:
-            bins.relink(W, u, None, 0, None)
+            bins.relink(W, self.base, n, nsz, 0, 0, 0, 0)
             W[c + (total >> 3) + 1] |= PREV_INUSE
         W[c + 1] = total | keep
         return True

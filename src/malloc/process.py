@@ -128,7 +128,8 @@ class ProcessAllocator:
                 del entries[-1]
                 del self._cached[p]
                 return p
-        return self._serve(size, nb, False, 16)
+            return self._serve(size, nb, False, 16, self._slow)
+        return self._serve(size, nb, False, 16, False)
 
     def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product overflows.
@@ -138,7 +139,7 @@ class ProcessAllocator:
         total = size_arg(count, "count") * size_arg(size)
         if total > MAX_REQUEST:
             raise MemoryError(f"calloc({count}, {size}) overflows")
-        return self._serve(total, request_to_size(total), True, 16)
+        return self._serve(total, request_to_size(total), True, 16, True)
 
     def memalign(self, alignment: SupportsIndex, n: SupportsIndex) -> int:
         """A block of at least `n` bytes at a multiple of `alignment` (a power of two)."""
@@ -146,11 +147,12 @@ class ProcessAllocator:
         size = size_arg(n)
         if size > MAX_REQUEST or a > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {size} bytes aligned to {a}")
-        return self._serve(size, request_to_size(size), False, a)
+        return self._serve(size, request_to_size(size), False, a, False)
 
-    def _serve(self, n: int, nb: int, zero: bool, alignment: int) -> int:
-        """A new block of `n` bytes (chunk size `nb`) for malloc, calloc and memalign: from the fast cache,
-        the heaps or the OS, under the lock. A block allocated but not handed over goes back (deferred)."""
+    def _serve(self, n: int, nb: int, zero: bool, alignment: int, cache: bool) -> int:
+        """A new block of `n` bytes (chunk size `nb`) for malloc, calloc and memalign: from the fast cache
+        (when `cache`: malloc's lock-free path has not just looked), the heaps or the OS, under the lock. A
+        block allocated but not handed over goes back (deferred)."""
         lock = self._lock
         if lock._is_owned():  # type: ignore[attr-defined]
             return self._nested_serve(n, nb, zero, alignment)
@@ -161,10 +163,13 @@ class ProcessAllocator:
                     if self._mending:
                         self._mend()
                     if alignment <= 16:
-                        p = self._cache_take(nb) if nb <= CACHE_MAX else 0
+                        p = self._cache_take(nb) if cache and nb <= CACHE_MAX else 0
                         if p:
                             if zero:
                                 libc.memset(p, 0, nb - OVERHEAD)
+                        elif not zero and (main := self._main) is not None and n <= MAX_REQUEST \
+                                and (c := main.allocate(nb)):
+                            p = main.base + (c << 3) + HEADER  # the common case, written out
                         else:
                             p = self._allocate(n, nb, zero)
                     else:
@@ -224,14 +229,14 @@ class ProcessAllocator:
         del self._deferred[i]
         return True
 
-    def _search(self, nb: int) -> tuple[Heap | None, int, int]:
-        """(heap, chunk, the heap's clean mark before) for `nb` bytes from any heap's bins or top, or
-        (None, 0, 0). Cached blocks are invisible to the heaps, so before giving up, those that could serve
-        the request go back into them, coalesced, and they are searched again: no request goes to the OS
-        while freed memory could serve it."""
+    def _search(self, nb: int, zero: bool) -> tuple[Heap | None, int, int]:
+        """(heap, chunk, the heap's clean mark before, when `zero` asks for it) for `nb` bytes from any heap's
+        bins or top, or (None, 0, 0). Cached blocks are invisible to the heaps, so before giving up, those that
+        could serve the request go back into them, coalesced, and they are searched again: no request goes to
+        the OS while freed memory could serve it."""
         for released in (False, True):
             for heap in self._heaps:
-                clean = heap.clean
+                clean = heap.clean if zero else 0
                 c = heap.allocate(nb)
                 if c:
                     return heap, c, clean
@@ -277,7 +282,7 @@ class ProcessAllocator:
         flight (`_inflight`) from the commit that makes it."""
         if n > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {n} bytes")
-        heap, c, clean = self._search(nb)
+        heap, c, clean = self._search(nb, zero)
         if heap is None:
             heap, p = self._from_os(nb, nb, 16, f"a request of {size_text(n)}")
             if heap is None:
@@ -294,7 +299,7 @@ class ProcessAllocator:
         """An `a`-aligned block of `n` bytes (chunk size `nb`), under the lock: a chunk with room to align,
         then `Heap.align_chunk`. While that runs, `_aligning` says which of the two blocks is in flight."""
         need = nb + a + MIN_CHUNK
-        heap, c, _clean = self._search(need)
+        heap, c, _clean = self._search(need, False)
         if heap is None:
             heap, p = self._from_os(need, nb, a, f"a request of {size_text(n)} aligned to {a}")
             if heap is None:
@@ -405,20 +410,19 @@ class ProcessAllocator:
         if self._views and ptr in self._views and self._viewed(ptr):
             raise _view_alive(ptr, "free")
         main = self._main
-        if main is not None and not self._slow:
+        sz = main.block_size(ptr) if main is not None else 0
+        if 0 < sz <= CACHE_MAX and not self._slow:
             # The common case needs no lock: a live small block of the main heap joins the fast cache.
             # Only the block's own header and its successor's are read, which no other thread may change.
-            sz = main.block_size(ptr)
-            if 0 < sz <= CACHE_MAX:
-                entries = self._cache_bins.get(sz)
-                if entries is None:
-                    entries = self._cache_bins.setdefault(sz, [])
-                if len(entries) < CACHE_COUNT:
-                    if ptr in self._cached:
-                        raise DoubleFree(f"double free: the block at {ptr:#x} is already free (in the fast cache)")
-                    self._cached[ptr] = sz  # cached in one run of stores
-                    entries += (ptr,)
-                    return
+            entries = self._cache_bins.get(sz)
+            if entries is None:
+                entries = self._cache_bins.setdefault(sz, [])
+            if len(entries) < CACHE_COUNT:
+                if ptr in self._cached:
+                    raise DoubleFree(f"double free: the block at {ptr:#x} is already free (in the fast cache)")
+                self._cached[ptr] = sz  # cached in one run of stores
+                entries += (ptr,)
+                return
         lock = self._lock
         if lock._is_owned():  # type: ignore[attr-defined]
             self._deferred += (ptr,)  # nested in our own call (a handler, a finalizer): freed at the next call
@@ -428,7 +432,12 @@ class ProcessAllocator:
             with lock:
                 if self._mending:
                     self._mend()
-                heap, top = self._free_block(ptr, None)
+                    sz = 0  # what mending changed is looked up again
+                if sz and not self._perturb and (sz > CACHE_MAX or len(self._cache_bins.get(sz, ())) >= CACHE_COUNT):
+                    # The common case, written out: a block of the main heap that its cache list has no room for.
+                    heap, top = main, main.release((ptr - main.base - HEADER) >> 3)  # type: ignore[union-attr]
+                else:
+                    heap, top = self._free_block(ptr, None)
                 if heap is not None and top >= self._trim_trigger:
                     self._trim_heap(heap, "after a free")
         except BaseException:
