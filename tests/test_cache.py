@@ -148,3 +148,14 @@ def test_a_damaged_cached_block_is_reported_and_nothing_is_released() -> None:
     """)
     assert facts["error"] is not None and f"{facts['d']:#x}" in facts["error"]
     assert facts["states"] == ["cached", "cached"]
+
+
+def test_the_cache_keeps_seven_blocks_of_a_size_and_the_eighth_goes_back_to_the_heap() -> None:
+    facts = run_child(textwrap.dedent("""
+        blocks = [malloc.malloc(100) for _ in range(9)]
+        for p in blocks[:8:2] + blocks[1:8:2]:  # eight frees of one size, none next to another freed
+            malloc.free(p)
+        states = {c.address + 16: c.state for c in malloc.walk()}
+        report(states=[states[p] for p in blocks[:8]])
+    """))
+    assert sorted(facts["states"]).count("cached") == 7, facts

@@ -559,3 +559,29 @@ def test_heap_needs_room_for_its_header() -> None:
         malloc.Heap(malloc.BufferRegion(bytearray(HEAP_HEADER)))
     with pytest.raises(ValueError):
         malloc.BufferRegion(b"read-only bytes")
+
+
+def test_a_shrink_that_leaves_exactly_a_minimal_chunk_splits_it_off(heap: malloc.Heap) -> None:
+    p = heap.malloc(200)  # a 208-byte chunk
+    guard = heap.malloc(100)  # keeps the tail from merging into the top
+    size = heap.usable_size(p) + 8
+    assert heap.realloc(p, size - MIN_CHUNK - 8) == p  # leaves exactly MIN_CHUNK bytes
+    states = [(c.address, c.size, c.state) for c in heap.walk()]
+    tail = p - HEADER + size - MIN_CHUNK
+    assert (tail, MIN_CHUNK, "free") in states
+    assert heap.usable_size(p) + 8 == size - MIN_CHUNK
+    heap.free(guard)
+    heap.free(p)
+    heap.check()
+
+
+def test_a_double_free_of_a_block_merged_with_the_chunk_before_is_caught(heap: malloc.Heap) -> None:
+    a = heap.malloc(100)
+    b = heap.malloc(100)
+    guard = heap.malloc(100)
+    heap.free(a)
+    heap.free(b)  # b merges into a's free chunk; its old header must no longer pass for a live block
+    with pytest.raises(malloc.DoubleFree):
+        heap.free(b)
+    heap.free(guard)
+    heap.check()
