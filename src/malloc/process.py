@@ -128,8 +128,8 @@ class ProcessAllocator:
                 del entries[-1]
                 del self._cached[p]
                 return p
-            return self._serve(size, nb, False, 16, self._slow)
-        return self._serve(size, nb, False, 16, False)
+            return self._serve(size, nb, False, 16, False)
+        return self._serve(size, nb, False, 16, nb <= CACHE_MAX)  # the lock-free path stepped aside
 
     def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product overflows.
