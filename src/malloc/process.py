@@ -104,6 +104,7 @@ class ProcessAllocator:
         self._map_length = 0  # ... and the length it asked for
         self._unmapping: list[int] = []  # [address, length] of a mapping whose munmap may not have run
         self._unmap_out: list[int] = []  # ... and that munmap's raw result once it has
+        self._remap_out: list[int] = []  # the raw result of a deferred shrink's mremap, until its bookkeeping
         self._perturb = 0  # _sync_options keeps these in step with the options
         self._requests: dict[int, int] | None = None  # block address -> bytes asked for, while remembered
         self._extra = False  # perturbing or remembering requests
@@ -582,13 +583,17 @@ class ProcessAllocator:
         if mapped is not None:
             m, length = mapped
             if size < length:
-                self._check_mapped(p, m, length)
-                libc.mremap(m, length, size, f"realloc shrank a mapped chunk to {size_text(size)}", may_move=False)
+                done = self._remap_out  # the mremap's result, once it has run: then only the bookkeeping is left
                 header = libc.memory_view(p - HEADER, HEADER).cast("Q")
+                if not done:
+                    self._check_mapped(p, m, length)
+                    libc.mremap(m, length, size, f"realloc shrank a mapped chunk to {size_text(size)}",
+                                may_move=False, out=done)
+                # The bookkeeping: stores only.
                 header[1] = (size - (p - HEADER - m)) | IS_MMAPPED
-                header.release()
                 self._mapped[p] = (m, size)
                 self._mapped_bytes -= length - size
+                del done[:]
             del source[i]
             return
         heap = self._heap_of(p)

@@ -4,7 +4,7 @@ Every function that changes the address space records an event (see `events`) wi
 gives. Failures become exceptions here, in one place: ENOMEM is `MemoryError`, anything else `OSError`.
 
 A signal handler can raise right after a C function returns, before its result is stored anywhere. So the
-calls whose result the allocator must not lose (sbrk, mmap, munmap) take `out`, a list that receives the raw
+calls whose result the allocator must not lose (sbrk, mmap, munmap, mremap) take `out`, a list that receives the raw
 result by a slice assignment that runs the call inside it: the result is in `out` before anything can
 interrupt, and whoever owns `out` can finish the bookkeeping later.
 """
@@ -123,9 +123,15 @@ def munmap(address: int, size: int, reason: str, out: list[int] | None = None) -
         raise _fail(f"munmap({address:#x}, {size})")
 
 
-def mremap(address: int, old_size: int, new_size: int, reason: str, *, may_move: bool = True) -> int:
-    """Resize the mapping at `address`; return its (possibly new) address."""
-    result = _mremap(address, old_size, new_size, MREMAP_MAYMOVE if may_move else 0)
+def mremap(address: int, old_size: int, new_size: int, reason: str, *, may_move: bool = True,
+           out: list[int] | None = None) -> int:
+    """Resize the mapping at `address`; return its (possibly new) address (see `out` above)."""
+    flags = MREMAP_MAYMOVE if may_move else 0
+    if out is None:
+        result = _mremap(address, old_size, new_size, flags)
+    else:
+        out[:] = map(_mremap, (address,), (old_size,), (new_size,), (flags,))
+        result = out[0]
     if result is None or result == _MAP_FAILED:
         events.record("mremap", (address, old_size, new_size), -1, reason)
         raise _fail(f"mremap({address:#x}, {old_size}, {new_size})")
