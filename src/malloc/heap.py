@@ -264,88 +264,92 @@ class Heap:
         first fitting chunk of the size-sorted large bin, else the smallest chunk of the next non-empty
         bin (the bitmap finds it), else the top. Never asks the OS for memory.
         """
-        W = self._w
-        if nb < SMALL_LIMIT:
-            i = nb >> 4
-            c = W[H_BINS + i]
-            if c:
-                # Exact fit, the common case: pop the bin's first chunk.
-                nxt = W[c + 2]
-                if W[c + 3] or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
-                    raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: bin links broken",
-                                         self.base + (c << 3))
-                W[H_BINS + i] = nxt
-                if nxt:
-                    W[nxt + 3] = 0
-                else:
-                    W[H_SMALLMAP] &= ~(1 << i)
-                W[c + (nb >> 3) + 1] |= PREV_INUSE
-                W[c + 1] = nb | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
-                return c
-            m = W[H_SMALLMAP] >> (i + 1)
-            if m:
-                c = W[H_BINS + i + (m & -m).bit_length()]
-            else:
-                m = W[H_LARGEMAP]
-                c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
-        else:
-            i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
-            c = W[H_BINS + i]
-            prev = 0
-            try:
-                while c and (W[c + 1] & SIZE_MASK) < nb:
-                    if W[c + 3] != prev:  # also ends a cycle made by an overwritten link
-                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: back link broken",
+        try:
+            W = self._w
+            if nb < SMALL_LIMIT:
+                i = nb >> 4
+                c = W[H_BINS + i]
+                if c:
+                    # Exact fit, the common case: pop the bin's first chunk.
+                    nxt = W[c + 2]
+                    if W[c + 3] or W[c + 1] != nb + PREV_INUSE or c & 1 \
+                            or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
+                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: bin links or size broken",
                                              self.base + (c << 3))
-                    prev = c
-                    c = W[c + 2]
-            except IndexError:
-                raise HeapCorruption(f"bin {i} links lead out of the heap", self.base + (prev << 3)) from None
-            if not c:
-                m = W[H_LARGEMAP] >> (i - 63)
-                c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
-        if c:
-            t = W[H_TOP]
-            if c & 1 or c >= t:
-                raise HeapCorruption(f"a bin links to word {c}, which is no chunk", self.base)
-            sz = W[c + 1] & SIZE_MASK
-            if sz < nb or c + (sz >> 3) >= t:
-                raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
-                                     self.base + (c << 3))
-            bins.unlink(W, c, sz)
-            rem = sz - nb
-            if rem >= MIN_CHUNK:
-                r = c + (nb >> 3)
-                W[r + 1] = rem | PREV_INUSE
-                W[r + (rem >> 3)] = rem
-                bins.insert(W, r, rem)
-                sz = nb
+                    W[H_BINS + i] = nxt
+                    if nxt:
+                        W[nxt + 3] = 0
+                    else:
+                        W[H_SMALLMAP] &= ~(1 << i)
+                    W[c + (nb >> 3) + 1] |= PREV_INUSE
+                    W[c + 1] = nb | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
+                    return c
+                m = W[H_SMALLMAP] >> (i + 1)
+                if m:
+                    c = W[H_BINS + i + (m & -m).bit_length()]
+                else:
+                    m = W[H_LARGEMAP]
+                    c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
             else:
-                W[c + (sz >> 3) + 1] |= PREV_INUSE
-            # A free chunk's predecessor is always in use (free neighbours are coalesced).
-            W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
-            return c
-        t = W[H_TOP]
-        tsz = W[t + 1] & SIZE_MASK
-        if tsz < nb + MIN_CHUNK:
-            return 0
-        top = t + (nb >> 3)
-        if top + ((tsz - nb) >> 3) != W[H_END]:
-            raise HeapCorruption(f"top chunk at {self.base + (t << 3):#x} has a bad size {tsz}",
-                                 self.base + (t << 3))
-        W[top + 1] = (tsz - nb) | PREV_INUSE
-        W[H_TOP] = top
-        if top + 2 > W[H_CLEAN]:
-            W[H_CLEAN] = top + 2
-        W[t + 1] = nb | PREV_INUSE | ((t | 1) & TAG_BITS) << TAG_SHIFT
-        return t
+                i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
+                c = W[H_BINS + i]
+                prev = 0
+                try:
+                    while c and (W[c + 1] & SIZE_MASK) < nb:
+                        if W[c + 3] != prev:  # also ends a cycle made by an overwritten link
+                            raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: back link broken",
+                                                 self.base + (c << 3))
+                        prev = c
+                        c = W[c + 2]
+                except IndexError:
+                    raise HeapCorruption(f"bin {i} links lead out of the heap", self.base + (prev << 3)) from None
+                if not c:
+                    m = W[H_LARGEMAP] >> (i - 63)
+                    c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
+            if c:
+                t = W[H_TOP]
+                if c & 1 or c >= t or c < HEAP_WORDS:
+                    raise HeapCorruption(f"a bin links to word {c}, which is no chunk", self.base)
+                sz = W[c + 1] & SIZE_MASK
+                if sz < nb or c + (sz >> 3) >= t:
+                    raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
+                                         self.base + (c << 3))
+                bins.unlink(W, c, sz, self.base)
+                rem = sz - nb
+                if rem >= MIN_CHUNK:
+                    r = c + (nb >> 3)
+                    W[r + 1] = rem | PREV_INUSE
+                    W[r + (rem >> 3)] = rem
+                    bins.insert(W, r, rem, self.base)
+                    sz = nb
+                else:
+                    W[c + (sz >> 3) + 1] |= PREV_INUSE
+                # A free chunk's predecessor is always in use (free neighbours are coalesced).
+                W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
+                return c
+            t = W[H_TOP]
+            tsz = W[t + 1] & SIZE_MASK
+            if tsz < nb + MIN_CHUNK:
+                return 0
+            top = t + (nb >> 3)
+            if top + ((tsz - nb) >> 3) != W[H_END]:
+                raise HeapCorruption(f"top chunk at {self.base + (t << 3):#x} has a bad size {tsz}",
+                                     self.base + (t << 3))
+            W[top + 1] = (tsz - nb) | PREV_INUSE
+            W[H_TOP] = top
+            if top + 2 > W[H_CLEAN]:
+                W[H_CLEAN] = top + 2
+            W[t + 1] = nb | PREV_INUSE | ((t | 1) & TAG_BITS) << TAG_SHIFT
+            return t
+        except IndexError:
+            raise HeapCorruption(f"heap at {self.base:#x}: a bin or the top chunk leads out of the heap",
+                                 self.base) from None
 
     def extend(self, nb: int, reason: str) -> None:
         """Grow the region so the top chunk can serve a chunk of `nb` bytes (plus the top pad)."""
+        t, old_end = self._checked_top()
         W = self._w
-        t = W[H_TOP]
         tsz = W[t + 1] & SIZE_MASK
-        old_end = W[H_END]
         need = nb + MIN_CHUNK - tsz
         if need <= 0:
             return
@@ -368,7 +372,7 @@ class Heap:
                 W[t + 1] = rest | PREV_INUSE
                 W[f] = rest
                 W[f + 1] = ((start - f) << 3) | FOREIGN
-                bins.insert(W, t, rest)
+                bins.insert(W, t, rest, self.base)
             else:
                 f = t
                 W[f + 1] = ((start - f) << 3) | FOREIGN | PREV_INUSE
@@ -466,53 +470,56 @@ class Heap:
         `check_only` stops there. Returns the top's new size when the chunk merged into the top (the
         caller may trim), else 0.
         """
-        W = self._w
-        h = W[c + 1]
-        sz = h & SIZE_MASK
-        n = c + (sz >> 3)
-        t = W[H_TOP]
-        nh = W[n + 1]
-        nsz = nh & SIZE_MASK
-        next_free = False
-        if n != t:
-            if nsz < HEADER or n + (nsz >> 3) > t:
-                raise HeapCorruption(f"chunk after {self.base + (c << 3):#x} has a bad size {nsz}",
-                                     self.base + (n << 3))
-            next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
-            if next_free:
-                if check_only or not h & PREV_INUSE:
-                    bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
-            elif not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
-                raise HeapCorruption(f"header of the chunk after {self.base + (c << 3):#x} was overwritten",
-                                     self.base + (n << 3))
-        pc = psz = 0
-        if not h & PREV_INUSE:
-            psz = W[c]
-            pc = c - (psz >> 3)
-            if psz < MIN_CHUNK or psz & 15 or pc < HEAP_WORDS or (W[pc + 1] & ~PREV_INUSE) != psz:
-                raise HeapCorruption(f"chunk before {self.base + (c << 3):#x} has a bad boundary tag {psz}",
-                                     self.base + (c << 3))
+        try:
+            W = self._w
+            h = W[c + 1]
+            sz = h & SIZE_MASK
+            n = c + (sz >> 3)
+            t = W[H_TOP]
+            nh = W[n + 1]
+            nsz = nh & SIZE_MASK
+            next_free = False
+            if n != t:
+                if nsz < HEADER or n + (nsz >> 3) > t:
+                    raise HeapCorruption(f"chunk after {self.base + (c << 3):#x} has a bad size {nsz}",
+                                         self.base + (n << 3))
+                next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
+                if next_free:
+                    if check_only or not h & PREV_INUSE:
+                        bins.check_links(W, n, nsz, self.base)  # both neighbours go: check both before changing either
+                elif not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
+                    raise HeapCorruption(f"header of the chunk after {self.base + (c << 3):#x} was overwritten",
+                                         self.base + (n << 3))
+            pc = psz = 0
+            if not h & PREV_INUSE:
+                psz = W[c]
+                pc = c - (psz >> 3)
+                if psz < MIN_CHUNK or psz & 15 or pc < HEAP_WORDS or (W[pc + 1] & ~PREV_INUSE) != psz:
+                    raise HeapCorruption(f"chunk before {self.base + (c << 3):#x} has a bad boundary tag {psz}",
+                                         self.base + (c << 3))
+                if check_only:
+                    bins.check_links(W, pc, psz, self.base)
             if check_only:
-                bins.check_links(W, pc, psz)
-        if check_only:
+                return 0
+            if psz:
+                bins.unlink(W, pc, psz, self.base)
+                c = pc
+                sz += psz
+            if n == t:
+                W[c + 1] = (sz + nsz) | PREV_INUSE
+                W[H_TOP] = c
+                return sz + nsz
+            if next_free:
+                bins.unlink(W, n, nsz, self.base)
+                sz += nsz
+            else:
+                W[n + 1] = nh & ~PREV_INUSE
+            W[c + 1] = sz | PREV_INUSE
+            W[c + (sz >> 3)] = sz
+            bins.insert(W, c, sz, self.base)
             return 0
-        if psz:
-            bins.unlink(W, pc, psz)
-            c = pc
-            sz += psz
-        if n == t:
-            W[c + 1] = (sz + nsz) | PREV_INUSE
-            W[H_TOP] = c
-            return sz + nsz
-        if next_free:
-            bins.unlink(W, n, nsz)
-            sz += nsz
-        else:
-            W[n + 1] = nh & ~PREV_INUSE
-        W[c + 1] = sz | PREV_INUSE
-        W[c + (sz >> 3)] = sz
-        bins.insert(W, c, sz)
-        return 0
+        except IndexError:
+            raise self._leads_out(c) from None
 
     def resize_in_place(self, c: int, nb: int, *, grow_top: bool) -> bool:
         """Make the in-use chunk at `c` exactly or about `nb` bytes without moving it; False if it can't.
@@ -520,55 +527,58 @@ class Heap:
         Shrinks by splitting off the tail; grows into a free next chunk or into the top, and, when
         `grow_top` is set and the chunk borders the top, by extending the region first.
         """
-        W = self._w
-        h = W[c + 1]
-        sz = h & SIZE_MASK
-        keep = h & (PREV_INUSE | TAG_MASK)
-        if nb <= sz:
-            if sz - nb >= MIN_CHUNK:
-                W[c + 1] = nb | keep
-                r = c + (nb >> 3)
-                W[r + 1] = (sz - nb) | PREV_INUSE | tag(r)
-                self.release(r)
-            return True
-        n = c + (sz >> 3)
-        t = W[H_TOP]
-        if n == t:
-            tsz = W[t + 1] & SIZE_MASK
-            if sz + tsz < nb + MIN_CHUNK:
-                if not grow_top:
-                    return False
-                try:
-                    self.extend(nb - sz, "heap top too small to grow a block in place")
-                except MemoryError:
-                    return False  # the caller moves the block instead
-                W = self._w
-                if W[H_TOP] != t:  # the region continued past a foreign span: cannot grow here
-                    return False
+        try:
+            W = self._w
+            h = W[c + 1]
+            sz = h & SIZE_MASK
+            keep = h & (PREV_INUSE | TAG_MASK)
+            if nb <= sz:
+                if sz - nb >= MIN_CHUNK:
+                    W[c + 1] = nb | keep
+                    r = c + (nb >> 3)
+                    W[r + 1] = (sz - nb) | PREV_INUSE | tag(r)
+                    self.release(r)
+                return True
+            n = c + (sz >> 3)
+            t = W[H_TOP]
+            if n == t:
                 tsz = W[t + 1] & SIZE_MASK
-            top = c + (nb >> 3)
-            W[top + 1] = (sz + tsz - nb) | PREV_INUSE
-            W[H_TOP] = top
-            if top + 2 > W[H_CLEAN]:
-                W[H_CLEAN] = top + 2
-            W[c + 1] = nb | keep
+                if sz + tsz < nb + MIN_CHUNK:
+                    if not grow_top:
+                        return False
+                    try:
+                        self.extend(nb - sz, "heap top too small to grow a block in place")
+                    except MemoryError:
+                        return False  # the caller moves the block instead
+                    W = self._w
+                    if W[H_TOP] != t:  # the region continued past a foreign span: cannot grow here
+                        return False
+                    tsz = W[t + 1] & SIZE_MASK
+                top = c + (nb >> 3)
+                W[top + 1] = (sz + tsz - nb) | PREV_INUSE
+                W[H_TOP] = top
+                if top + 2 > W[H_CLEAN]:
+                    W[H_CLEAN] = top + 2
+                W[c + 1] = nb | keep
+                return True
+            nh = W[n + 1]
+            nsz = nh & SIZE_MASK
+            if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
+                return False
+            bins.unlink(W, n, nsz, self.base)
+            total = sz + nsz
+            if total - nb >= MIN_CHUNK:
+                r = c + (nb >> 3)
+                W[r + 1] = (total - nb) | PREV_INUSE
+                W[c + (total >> 3)] = total - nb
+                bins.insert(W, r, total - nb, self.base)
+                total = nb
+            else:
+                W[c + (total >> 3) + 1] |= PREV_INUSE
+            W[c + 1] = total | keep
             return True
-        nh = W[n + 1]
-        nsz = nh & SIZE_MASK
-        if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
-            return False
-        bins.unlink(W, n, nsz)
-        total = sz + nsz
-        if total - nb >= MIN_CHUNK:
-            r = c + (nb >> 3)
-            W[r + 1] = (total - nb) | PREV_INUSE
-            W[c + (total >> 3)] = total - nb
-            bins.insert(W, r, total - nb)
-            total = nb
-        else:
-            W[c + (total >> 3) + 1] |= PREV_INUSE
-        W[c + 1] = total | keep
-        return True
+        except IndexError:
+            raise self._leads_out(c) from None
 
     def align_chunk(self, c: int, nb: int, alignment: int) -> int:
         """Carve a chunk of `nb` bytes whose block is `alignment`-aligned out of the in-use chunk at `c`.
@@ -611,8 +621,8 @@ class Heap:
         region = self.region
         page = libc.PAGE_SIZE
         released = False
-        t = W[H_TOP]
-        end = W[H_END] << 3
+        t, end = self._checked_top()
+        end <<= 3
         keep = (t << 3) + MIN_CHUNK + pad
         extra = ((end - keep) // page) * page if end > keep else 0
         if extra > 0 and region.shrink(extra, reason):
@@ -629,13 +639,37 @@ class Heap:
                 released = True
         if inner:
             for i in range(64, N_BINS):
+                prev = 0
                 for f in bins.members(W, i):
                     fsz = W[f + 1] & SIZE_MASK
+                    # madvise zeroes what it is given: only a chunk that is free by every mark goes to it.
+                    if f & 1 or f < HEAP_WORDS or fsz < MIN_CHUNK or f + (fsz >> 3) >= t or W[f + 3] != prev \
+                            or W[f + 1] != fsz | PREV_INUSE or W[f + (fsz >> 3)] != fsz \
+                            or W[f + (fsz >> 3) + 1] & PREV_INUSE:
+                        raise HeapCorruption(f"free chunk at {self.base + (f << 3):#x} in bin {i} is damaged",
+                                             self.base + (f << 3))
+                    prev = f
                     if region.release((f << 3) + 32, fsz - 32, reason):
                         released = True
         return released
 
     # ------------------------------------------------------------ the checks
+
+    def _checked_top(self) -> tuple[int, int]:
+        """(top chunk, end) as word indices, checked against each other and the region before a grow or a
+        trim hands anything derived from them to the OS."""
+        W = self._w
+        t, end = W[H_TOP], W[H_END]
+        if end << 3 > self.region.size or t & 1 or not HEAP_WORDS <= t <= end - 4 \
+                or t + ((W[t + 1] & SIZE_MASK) >> 3) != end:
+            raise HeapCorruption(f"heap at {self.base:#x}: top chunk (word {t}) or end (word {end}) damaged",
+                                 self.base)
+        return t, end
+
+    def _leads_out(self, c: int) -> HeapCorruption:
+        """The error for a size or link around the chunk at word `c` that points outside the region."""
+        at = self.base + (c << 3)
+        return HeapCorruption(f"chunk at {at:#x} or a neighbour has a size or link that leads out of the heap", at)
 
     def _classify(self, c: int) -> Exception:
         """Why word `c` is not the start of a live chunk: walk the heap to find what lies there."""
@@ -645,18 +679,18 @@ class Heap:
         try:
             for w, size, word in self._walk():
                 if w == c:
-                    if word & FOREIGN:
-                        return InvalidPointer(f"{p:#x} is inside memory of the C library's own malloc")
                     if word & TAG_MASK == tag(w):
                         return HeapCorruption(f"the chunk after the block at {p:#x} was damaged "
                                               "(its size or PREV_INUSE bit overwritten)",
                                               base + (w << 3) + size)
-                    if self._is_free(w, size):
+                    if word & (TAG_MASK | IS_MMAPPED | FOREIGN) == FOREIGN and W[H_FOREIGN_CHUNKS]:
+                        return InvalidPointer(f"{p:#x} is inside memory of the C library's own malloc")
+                    if self._looks_free(w, size):
                         return DoubleFree(f"double free: the block at {p:#x} is already free")
                     return HeapCorruption(f"chunk header at {base + (c << 3):#x} was overwritten", base + (c << 3))
                 if w < c < w + (size >> 3):
                     stale = W[c + 1]
-                    if self._is_free(w, size) and not stale & TAG_MASK and \
+                    if self._looks_free(w, size) and not stale & TAG_MASK and \
                             MIN_CHUNK <= (stale & SIZE_MASK) <= W[H_END] << 3:
                         return DoubleFree(f"double free: the block at {p:#x} was freed and merged")
                     return InvalidPointer(f"{p:#x} is not the start of a block (it lies inside one at "
@@ -664,6 +698,15 @@ class Heap:
         except HeapCorruption as exc:
             return exc
         return InvalidPointer(f"{p:#x} is not a block of this heap")
+
+    def _looks_free(self, w: int, size: int) -> bool:
+        """Whether the chunk at `w` is free by every mark: the top, or a header without a tag, a matching
+        boundary tag and the next chunk's PREV_INUSE clear (a damaged live chunk fails one of them)."""
+        W = self._w
+        if w == W[H_TOP]:
+            return True
+        n = w + (size >> 3)
+        return W[w + 1] == size | PREV_INUSE and W[n] == size and not W[n + 1] & PREV_INUSE
 
     def _is_free(self, w: int, size: int) -> bool:
         W = self._w
