@@ -119,8 +119,8 @@ class Heap:
                  trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> None:
         self.region = region
         self.base = region.base
-        self.top_pad = top_pad
-        self.trim_threshold = trim_threshold
+        self.top_pad = size_arg(top_pad, "top_pad")
+        self.trim_threshold = size_arg(trim_threshold, "trim_threshold")
         self._w = region.words
         if attach:
             self.check(full=False)
@@ -167,6 +167,11 @@ class Heap:
         """Bytes in in-use chunks (headers included, the C library's spans excluded); walks the bins."""
         W = self._w
         return (W[H_END] << 3) - HEAP_HEADER - W[H_FOREIGN_CHUNKS] - self.top_size - self.free_stats()[1]
+
+    @property
+    def empty(self) -> bool:
+        """Whether every chunk is free: the top starts at the first chunk."""
+        return self._w[H_TOP] == HEAP_WORDS
 
     def owns(self, address: int) -> bool:
         """Whether `address` lies in this heap's chunks."""
@@ -634,7 +639,7 @@ class Heap:
             released = True
         else:
             lo = ((region.base + keep + page - 1) & ~(page - 1)) - region.base
-            if W[H_CLEAN] << 3 > lo and region.release(keep, end - keep, reason):
+            if W[H_CLEAN] << 3 > lo and end > keep and region.release(keep, end - keep, reason):
                 W[H_CLEAN] = lo >> 3
                 released = True
         if inner:
