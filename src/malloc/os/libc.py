@@ -64,6 +64,23 @@ memmove = ctypes.memmove
 memset = ctypes.memset
 
 
+_SSIZE_MAX = (1 << 63) - 1
+_ADDRESS_LIMIT = 1 << 64
+
+
+def _length(size: int, call: str) -> int:
+    """`size` as a length for `call`: ctypes would wrap a value outside the C type silently."""
+    if not 0 <= size <= _SSIZE_MAX:
+        raise ValueError(f"{call}: length {size:#x} out of range")
+    return size
+
+
+def _address(address: int, call: str) -> int:
+    if not 0 <= address < _ADDRESS_LIMIT:
+        raise ValueError(f"{call}: address {address:#x} out of range")
+    return address
+
+
 def _fail(call: str) -> Exception:
     err = ctypes.get_errno()
     if err == errno.ENOMEM:
@@ -78,6 +95,8 @@ def current_break() -> int:
 
 def sbrk(increment: int, reason: str) -> int:
     """Move the program break by `increment` bytes; return the old break."""
+    if not -_SSIZE_MAX <= increment <= _SSIZE_MAX:
+        raise ValueError(f"sbrk: increment {increment:#x} out of range")
     result = _sbrk(increment)
     if result is None or result == _BRK_FAILED:
         events.record("sbrk", (increment,), -1, reason)
@@ -90,7 +109,7 @@ def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE
                    address: int = 0) -> int:
     """Map `size` bytes of private anonymous memory; return its address."""
     flags |= MAP_PRIVATE | MAP_ANONYMOUS
-    result = _mmap_fn(address or None, size, prot, flags, -1, 0)
+    result = _mmap_fn(_address(address, "mmap") or None, _length(size, "mmap"), prot, flags, -1, 0)
     if result is None or result == _MAP_FAILED:
         events.record("mmap", (address, size, prot, flags), -1, reason)
         raise _fail(f"mmap({size})")
@@ -100,7 +119,7 @@ def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE
 
 def munmap(address: int, size: int, reason: str) -> None:
     """Unmap `size` bytes at `address`."""
-    rc = _munmap(address, size)
+    rc = _munmap(_address(address, "munmap"), _length(size, "munmap"))
     events.record("munmap", (address, size), rc, reason)
     if rc != 0:
         raise _fail(f"munmap({address:#x}, {size})")
@@ -108,7 +127,8 @@ def munmap(address: int, size: int, reason: str) -> None:
 
 def mremap(address: int, old_size: int, new_size: int, reason: str, *, may_move: bool = True) -> int:
     """Resize the mapping at `address`; return its (possibly new) address."""
-    result = _mremap(address, old_size, new_size, MREMAP_MAYMOVE if may_move else 0)
+    result = _mremap(_address(address, "mremap"), _length(old_size, "mremap"), _length(new_size, "mremap"),
+                     MREMAP_MAYMOVE if may_move else 0)
     if result is None or result == _MAP_FAILED:
         events.record("mremap", (address, old_size, new_size), -1, reason)
         raise _fail(f"mremap({address:#x}, {old_size}, {new_size})")
@@ -118,7 +138,7 @@ def mremap(address: int, old_size: int, new_size: int, reason: str, *, may_move:
 
 def mprotect(address: int, size: int, prot: int, reason: str) -> None:
     """Change the protection of `size` bytes at `address`."""
-    rc = _mprotect(address, size, prot)
+    rc = _mprotect(_address(address, "mprotect"), _length(size, "mprotect"), prot)
     events.record("mprotect", (address, size, prot), rc, reason)
     if rc != 0:
         raise _fail(f"mprotect({address:#x}, {size})")
@@ -126,7 +146,7 @@ def mprotect(address: int, size: int, prot: int, reason: str) -> None:
 
 def madvise_dontneed(address: int, size: int, reason: str) -> None:
     """Give the pages of `size` bytes at `address` back; they read as zero afterwards."""
-    rc = _madvise(address, size, MADV_DONTNEED)
+    rc = _madvise(_address(address, "madvise"), _length(size, "madvise"), MADV_DONTNEED)
     events.record("madvise", (address, size, MADV_DONTNEED), rc, reason)
     if rc != 0:
         raise _fail(f"madvise({address:#x}, {size})")
