@@ -22,6 +22,7 @@ writes anything; `check()` walks the whole heap and states every invariant in on
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import SupportsIndex
@@ -74,28 +75,31 @@ class Chunk:
     request: int = -1  # bytes asked for by the allocation that made an in-use chunk, when known
 
 
+def _index(n: object, what: str) -> int:
+    """`n` through `__index__`, as Python's own sequences take it: TypeError naming `what` for a bool, an
+    object without `__index__`, or one whose `__index__` does not return an int."""
+    if isinstance(n, bool):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        return operator.index(n)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise TypeError(f"{what} must be an integer, not {type(n).__name__} ({exc})") from None
+
+
 def size_arg(n: object, what: str = "size") -> int:
     """`n` as a byte count: TypeError for a non-integer, ValueError for a negative one."""
-    if n.__class__ is not int:
-        if isinstance(n, bool) or not hasattr(n, "__index__"):
-            raise TypeError(f"{what} must be an integer, not {type(n).__name__}")
-        n = n.__index__()
-    assert isinstance(n, int)
-    if n < 0:
-        raise ValueError(f"{what} must not be negative: {n}")
-    return n
+    v = n if type(n) is int else _index(n, what)
+    if v < 0:
+        raise ValueError(f"{what} must not be negative: {v}")
+    return v
 
 
 def address_arg(p: object) -> int:
     """`p` as an address: TypeError for a non-integer, InvalidPointer for a negative one."""
-    if p.__class__ is not int:
-        if isinstance(p, bool) or not hasattr(p, "__index__"):
-            raise TypeError(f"address must be an integer, not {type(p).__name__}")
-        p = p.__index__()
-    assert isinstance(p, int)
-    if p < 0:
-        raise InvalidPointer(f"negative address {p}")
-    return p
+    v = p if type(p) is int else _index(p, "address")
+    if v < 0:
+        raise InvalidPointer(f"negative address {v:#x}")
+    return v
 
 
 def alignment_arg(alignment: object) -> int:
@@ -181,6 +185,8 @@ class Heap:
 
     def malloc(self, n: SupportsIndex) -> int:
         """Address of a new block of at least `n` bytes, 16-byte aligned; MemoryError if none."""
+        if not self.region.base:
+            raise self._closed()
         n = size_arg(n)
         if n > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {n} bytes")
@@ -193,6 +199,8 @@ class Heap:
 
     def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product is too large."""
+        if not self.region.base:
+            raise self._closed()
         total = size_arg(count, "count") * size_arg(size)
         if total > MAX_REQUEST:
             raise MemoryError(f"calloc({count}, {size}) overflows")
@@ -208,6 +216,8 @@ class Heap:
 
     def free(self, p: SupportsIndex) -> None:
         """Free the block at `p` (0 does nothing); InvalidPointer or DoubleFree if it is not live."""
+        if not self.region.base:
+            raise self._closed()
         p = address_arg(p)
         if not p:
             return
@@ -219,6 +229,8 @@ class Heap:
 
         `realloc(0, n)` is `malloc(n)`; `realloc(p, 0)` frees `p` and returns 0.
         """
+        if not self.region.base:
+            raise self._closed()
         p = address_arg(p)
         n = size_arg(n)
         if not p:
@@ -241,6 +253,8 @@ class Heap:
 
     def memalign(self, alignment: SupportsIndex, n: SupportsIndex) -> int:
         """A block of at least `n` bytes whose address is a multiple of `alignment` (a power of two)."""
+        if not self.region.base:
+            raise self._closed()
         a = alignment_arg(alignment)
         n = size_arg(n)
         if n > MAX_REQUEST or a > MAX_REQUEST:
@@ -257,6 +271,8 @@ class Heap:
 
     def usable_size(self, p: SupportsIndex) -> int:
         """Bytes usable in the live block at `p`."""
+        if not self.region.base:
+            raise self._closed()
         c = self.chunk_of(address_arg(p))
         return (self._w[c + 1] & SIZE_MASK) - OVERHEAD
 
@@ -314,7 +330,8 @@ class Heap:
             if c:
                 t = W[H_TOP]
                 if c & 1 or c >= t or c < HEAP_WORDS:
-                    raise HeapCorruption(f"a bin links to word {c}, which is no chunk", self.base)
+                    raise HeapCorruption(f"a bin links to {self.base + (c << 3):#x}, which is no chunk",
+                                         self.base + (c << 3))
                 sz = W[c + 1] & SIZE_MASK
                 if sz < nb or c + (sz >> 3) >= t:
                     raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
@@ -621,6 +638,8 @@ class Heap:
         when the region cannot shrink, they are released with madvise instead, once (the clean mark
         remembers). With `inner`, the whole pages inside every large free chunk are released too.
         """
+        if not self.region.base:
+            raise self._closed()
         pad = size_arg(pad, "pad")
         W = self._w
         region = self.region
@@ -670,6 +689,10 @@ class Heap:
             raise HeapCorruption(f"heap at {self.base:#x}: top chunk (word {t}) or end (word {end}) damaged",
                                  self.base)
         return t, end
+
+    def _closed(self) -> ValueError:
+        """The error for a call on a heap whose region was closed (as Python's I/O on a closed file)."""
+        return ValueError(f"the heap at {self.base:#x} is over a region that was closed")
 
     def _leads_out(self, c: int) -> HeapCorruption:
         """The error for a size or link around the chunk at word `c` that points outside the region."""
@@ -742,6 +765,8 @@ class Heap:
 
     def walk(self) -> Iterator[Chunk]:
         """Every chunk in address order."""
+        if not self.region.base:
+            raise self._closed()
         W = self._w
         for w, size, word in self._walk():
             if w == W[H_TOP]:
@@ -759,6 +784,8 @@ class Heap:
 
         `full=False` checks the header only; the full check walks every chunk and every bin.
         """
+        if not self.region.base:
+            raise self._closed()
         W = self._w
         base = self.base
 
@@ -769,7 +796,7 @@ class Heap:
             raise bad("heap header: bad magic number or version")
         end, top = W[H_END], W[H_TOP]
         if end << 3 > self.region.size or end & 1 or not HEAP_WORDS <= top <= end - 4 or top & 1:
-            raise bad(f"heap header: end {end} or top {top} (words) out of range")
+            raise bad(f"heap header: end {base + (end << 3):#x} or top {base + (top << 3):#x} out of range")
         if not full:
             return
         foreign_chunks = 0
@@ -825,7 +852,7 @@ class Heap:
             raise bad(f"free chunk at {base + (w << 3):#x} is in no bin", w)
         clean = W[H_CLEAN]
         if clean < top + 2 and clean < end:
-            raise bad(f"heap header: clean mark {clean} is below the top chunk's header")
+            raise bad(f"heap header: clean mark {base + (clean << 3):#x} is below the top chunk's header")
 
     def free_stats(self) -> tuple[int, int]:
         """(number, bytes) of free chunks in the bins."""

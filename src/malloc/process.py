@@ -357,7 +357,7 @@ class ProcessAllocator:
             heap = self._by_start[i]
             if heap.owns(p):
                 return heap
-        raise InvalidPointer(f"{p:#x} was not allocated by this allocator")
+        raise InvalidPointer(f"{p:#x} is not a live block of this allocator (freed, or never allocated here)")
 
     def _unmap_chunk(self, p: int, mapped: tuple[int, int]) -> None:
         m, length = mapped
