@@ -333,7 +333,7 @@ class Heap:
                     raise HeapCorruption(f"a bin links to {self.base + (c << 3):#x}, which is no chunk",
                                          self.base + (c << 3))
                 sz = W[c + 1] & SIZE_MASK
-                if sz < nb or c + (sz >> 3) >= t:
+                if sz < nb or c + (sz >> 3) >= t or W[c + (sz >> 3)] != sz:  # glibc's size vs. prev_size
                     raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
                                          self.base + (c << 3))
                 bins.unlink(W, c, sz, self.base)
@@ -718,6 +718,9 @@ class Heap:
                     return HeapCorruption(f"chunk header at {base + (c << 3):#x} was overwritten", base + (c << 3))
                 if w < c < w + (size >> 3):
                     stale = W[c + 1]
+                    if stale & TAG_MASK == tag(c):  # a live header inside: the size at w was damaged
+                        return HeapCorruption(f"the chunk at {base + (w << 3):#x} has a size that covers the "
+                                              f"live block at {p:#x}", base + (w << 3))
                     if self._looks_free(w, size) and not stale & TAG_MASK and \
                             MIN_CHUNK <= (stale & SIZE_MASK) <= W[H_END] << 3:
                         return DoubleFree(f"double free: the block at {p:#x} was freed and merged")
