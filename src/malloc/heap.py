@@ -525,6 +525,7 @@ class Heap:
                 return 0
             if psz:
                 bins.unlink(W, pc, psz, self.base)
+                W[c + 1] = h & ~TAG_MASK  # no tag survives inside a free chunk: one there means damage
                 c = pc
                 sz += psz
             if n == t:
@@ -718,7 +719,9 @@ class Heap:
                     return HeapCorruption(f"chunk header at {base + (c << 3):#x} was overwritten", base + (c << 3))
                 if w < c < w + (size >> 3):
                     stale = W[c + 1]
-                    if stale & TAG_MASK == tag(c):  # a live header inside: the size at w was damaged
+                    # A live header inside another chunk: the size at w was damaged (release untags the
+                    # header of a block it merges into the free chunk below it).
+                    if stale & TAG_MASK == tag(c):
                         return HeapCorruption(f"the chunk at {base + (w << 3):#x} has a size that covers the "
                                               f"live block at {p:#x}", base + (w << 3))
                     if self._looks_free(w, size) and not stale & TAG_MASK and \
