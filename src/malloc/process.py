@@ -320,7 +320,9 @@ class ProcessAllocator:
         heap = self._heap_of(p)
         c = heap.chunk_of(p)
         sz = heap._w[c + 1] & SIZE_MASK
-        if sz <= CACHE_MAX and self._cache_put(p, sz):
+        # Only the main heap's blocks are cached: a heap over a mapping goes back to the OS once wholly free,
+        # which a cached block would prevent.
+        if sz <= CACHE_MAX and heap is self._main and self._cache_put(p, sz):
             return
         self._release(heap, c, sz)
 
