@@ -198,6 +198,51 @@ def fuzz(kind: str, seed: int, count: int) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=CASE_SECONDS * 4 + count * 0.05, env=env)
 
 
+def child(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter (a crash or a hang fails the test); its output lines."""
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, f"exit code {proc.returncode} (-11 is a segfault)\n{proc.stderr[-3000:]}"
+    return proc.stdout.split()
+
+
+def test_an_overflow_into_a_free_chunks_size_then_trim_is_heap_corruption() -> None:
+    """Eight bytes past a block land in the next chunk's size word; trim must not madvise what it claims."""
+    out = child("""if True:
+        import ctypes, malloc
+        region = malloc.MapRegion(1 << 20, "fuzz")
+        h = malloc.Heap(region)
+        a, b, c = h.malloc(2000), h.malloc(50_000), h.malloc(2000)
+        h.free(b)  # a large free chunk
+        ctypes.c_uint64.from_address(a + h.usable_size(a)).value = 0x400000000000 | 1
+        try:
+            h.trim(0, inner=True)
+            print("returned")
+        except malloc.HeapCorruption:
+            print("HeapCorruption")
+        """)
+    assert out == ["HeapCorruption"]
+
+
+@pytest.mark.parametrize("word, change", [("H_END", 1 << 17), ("H_END", 1 << 40), ("H_TOP", 1 << 40)])
+def test_a_damaged_end_or_top_then_a_free_over_a_mapping_is_heap_corruption(word: str, change: int) -> None:
+    """The free merges into the top and trims: the shrink must not reach outside the mapping."""
+    out = child(f"""if True:
+        import malloc
+        from malloc.heap import {word}
+        region = malloc.MapRegion(1 << 20, "fuzz")
+        h = malloc.Heap(region)
+        p = h.malloc(300_000)
+        region.words[{word}] += {change}
+        try:
+            h.free(p)
+            print("returned")
+        except malloc.HeapCorruption:
+            print("HeapCorruption")
+        """)
+    assert out == ["HeapCorruption"]
+
+
 @pytest.mark.parametrize("kind", ["buffer", "mmap"])
 def test_every_damaged_word_is_survived_or_reported_as_heap_corruption(kind: str) -> None:
     seed = int(os.environ.get("MALLOC_FUZZ_SEED", FIXED_SEED))
