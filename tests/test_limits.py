@@ -208,3 +208,16 @@ print(json.dumps(r))
 """)
     assert report == {"malloc heaps": 2, "malloc after free": [1, True, False],
                       "memalign heaps": 2, "memalign after free": [1, True, False]}
+
+
+def test_options_hold_only_values_their_c_types_can() -> None:
+    for fields, error in (({"top_pad": 2**64}, ValueError), ({"perturb": 256}, ValueError),
+                          ({"mmap_max": 2**31}, ValueError), ({"trim_threshold": -1}, ValueError),
+                          ({"mmap_threshold": 1.5}, TypeError)):
+        with pytest.raises(error):
+            malloc.Options(**fields)  # type: ignore[arg-type]
+    options = malloc.Options.from_environment({"MALLOC_TRIM_THRESHOLD_": str(10**30), "MALLOC_TOP_PAD_": "4096"})
+    assert (options.trim_threshold, options.top_pad) == (2**64 - 1, 4096)
+    with pytest.warns(RuntimeWarning, match="MALLOC_MMAP_MAX_"):
+        options = malloc.Options.from_environment({"MALLOC_MMAP_MAX_": str(2**40)})
+    assert options.mmap_max == malloc.Options().mmap_max

@@ -55,6 +55,17 @@ class Options:
     perturb: int = 0  # byte written over freed blocks (and its complement over new ones); 0 is off
     dynamic: bool = True  # the mmap threshold still follows freed mapped chunks
 
+    def __post_init__(self) -> None:
+        # The same ranges glibc's own types give the settings: no value built here can wrap on its way to C.
+        limits = {"mmap_threshold": SIZE_MAX, "trim_threshold": SIZE_MAX, "top_pad": SIZE_MAX,
+                  "mmap_max": INT_MAX, "perturb": 0xFF}
+        for name, limit in limits.items():
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+            if not 0 <= value <= limit:
+                raise ValueError(f"{name} must be between 0 and {limit}, not {value}")
+
     def mallopt(self, param: SupportsIndex, value: SupportsIndex) -> int:
         """Set `param` (M_MMAP_THRESHOLD, ...) to `value`; returns 1 as glibc does on success.
 
