@@ -5,13 +5,13 @@ neighbours in the list through its `next` (word w+2) and `prev` (w+3) words, 0 e
 Small bins hold one size each, so any member fits. Large bins are kept sorted by size, smallest first,
 so the first member that fits is the best fit. Two bitmap words mark non-empty small and large bins.
 
-The functions take the heap's word view `W`, chunks as word indices and sizes in bytes; `base`, the heap's
-address, only names the damaged chunk's address in a HeapCorruption.
+The functions take the heap's word view `W`, chunks as word indices and sizes in bytes. Broken links raise
+`BinDamage` naming the chunk by its word index; the heap, which knows its address, turns that into a
+HeapCorruption (so the hot paths do not carry the base address along only for an error).
 """
 
 from __future__ import annotations
 
-from .errors import HeapCorruption
 from .layout import LARGE_BIN, LARGE_TABLE_LIMIT, SIZE_MASK, SMALL_LIMIT
 
 # Header words used by the bins (see heap.py for the whole header).
@@ -20,7 +20,16 @@ H_LARGEMAP = 10
 H_BINS = 16
 
 
-def insert(W: memoryview, c: int, size: int, base: int) -> None:
+class BinDamage(Exception):
+    """Broken bin links found at the free chunk at word `chunk`; `what` says what is wrong."""
+
+    def __init__(self, what: str, chunk: int) -> None:
+        super().__init__(what, chunk)
+        self.what = what
+        self.chunk = chunk
+
+
+def insert(W: memoryview, c: int, size: int) -> None:
     """Put the free chunk at word `c` into its bin."""
     try:
         if size < SMALL_LIMIT:
@@ -39,11 +48,11 @@ def insert(W: memoryview, c: int, size: int, base: int) -> None:
         cur = W[H_BINS + i]
         while cur and (W[cur + 1] & SIZE_MASK) < size:
             if W[cur + 3] != prev:  # also ends a cycle made by an overwritten link
-                raise HeapCorruption(f"free chunk at {base + (cur << 3):#x}: back link broken", base + (cur << 3))
+                raise BinDamage("back link broken", cur)
             prev = cur
             cur = W[cur + 2]
     except IndexError:
-        raise HeapCorruption(f"bin links lead out of the heap near {base + (c << 3):#x}", base + (c << 3)) from None
+        raise BinDamage("its bin's links lead out of the heap", c) from None
     W[c + 2] = cur
     W[c + 3] = prev
     if cur:
@@ -55,32 +64,29 @@ def insert(W: memoryview, c: int, size: int, base: int) -> None:
         W[H_LARGEMAP] |= 1 << (i - 64)
 
 
-def check_links(W: memoryview, c: int, size: int, base: int) -> None:
-    """Raise HeapCorruption unless the free chunk at word `c` is linked both ways (glibc's unlink check)."""
-    unlink(W, c, size, base, True)
+def check_links(W: memoryview, c: int, size: int) -> None:
+    """Raise BinDamage unless the free chunk at word `c` is linked both ways (glibc's unlink check)."""
+    unlink(W, c, size, True)
 
 
-def unlink(W: memoryview, c: int, size: int, base: int, check_only: bool = False) -> None:
+def unlink(W: memoryview, c: int, size: int, check_only: bool = False) -> None:
     """Take the free chunk at word `c` out of its bin. Its links are checked first, as glibc's unlink does:
-    HeapCorruption, and nothing changed, when they are broken; `check_only` stops after the checks."""
+    BinDamage, and nothing changed, when they are broken; `check_only` stops after the checks."""
     try:
         nxt = W[c + 2]
         prv = W[c + 3]
         if nxt and W[nxt + 3] != c:
-            raise HeapCorruption(f"free chunk at {base + (c << 3):#x}: its next chunk does not link back",
-                                 base + (c << 3))
+            raise BinDamage("its next chunk does not link back", c)
         if prv:
             if W[prv + 2] != c:
-                raise HeapCorruption(f"free chunk at {base + (c << 3):#x}: its previous chunk does not link to it",
-                                     base + (c << 3))
+                raise BinDamage("its previous chunk does not link to it", c)
             if check_only:
                 return
             W[prv + 2] = nxt
         else:
             i = size >> 4 if size < SMALL_LIMIT else LARGE_BIN[size >> 6] if size < LARGE_TABLE_LIMIT else 127
             if W[H_BINS + i] != c:
-                raise HeapCorruption(f"free chunk at {base + (c << 3):#x} is not in the bin for size {size}",
-                                     base + (c << 3))
+                raise BinDamage(f"it is not in the bin for size {size}", c)
             if check_only:
                 return
             W[H_BINS + i] = nxt
@@ -90,8 +96,7 @@ def unlink(W: memoryview, c: int, size: int, base: int, check_only: bool = False
                 else:
                     W[H_LARGEMAP] &= ~(1 << (i - 64))
     except IndexError:
-        raise HeapCorruption(f"free chunk at {base + (c << 3):#x}: its links lead out of the heap",
-                             base + (c << 3)) from None
+        raise BinDamage("its links lead out of the heap", c) from None
     if nxt:
         W[nxt + 3] = prv
 

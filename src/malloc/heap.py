@@ -293,8 +293,7 @@ class Heap:
                 if c:
                     # Exact fit, the common case: pop the bin's first chunk.
                     nxt = W[c + 2]
-                    if W[c + 3] or W[c + 1] != nb + PREV_INUSE or c & 1 \
-                            or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
+                    if W[c + 3] or W[c + 1] != nb + PREV_INUSE or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
                         raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: bin links or size broken",
                                              self.base + (c << 3))
                     W[H_BINS + i] = nxt
@@ -336,13 +335,13 @@ class Heap:
                 if sz < nb or c + (sz >> 3) >= t or W[c + (sz >> 3)] != sz:  # glibc's size vs. prev_size
                     raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
                                          self.base + (c << 3))
-                bins.unlink(W, c, sz, self.base)
+                bins.unlink(W, c, sz)
                 rem = sz - nb
                 if rem >= MIN_CHUNK:
                     r = c + (nb >> 3)
                     W[r + 1] = rem | PREV_INUSE
                     W[r + (rem >> 3)] = rem
-                    bins.insert(W, r, rem, self.base)
+                    bins.insert(W, r, rem)
                     sz = nb
                 else:
                     W[c + (sz >> 3) + 1] |= PREV_INUSE
@@ -366,6 +365,8 @@ class Heap:
         except IndexError:
             raise HeapCorruption(f"heap at {self.base:#x}: a bin or the top chunk leads out of the heap",
                                  self.base) from None
+        except bins.BinDamage as damage:
+            raise self._bin_damage(damage) from None
 
     def extend(self, nb: int, reason: str) -> None:
         """Grow the region so the top chunk can serve a chunk of `nb` bytes (plus the top pad)."""
@@ -394,7 +395,10 @@ class Heap:
                 W[t + 1] = rest | PREV_INUSE
                 W[f] = rest
                 W[f + 1] = ((start - f) << 3) | FOREIGN
-                bins.insert(W, t, rest, self.base)
+                try:
+                    bins.insert(W, t, rest)
+                except bins.BinDamage as damage:
+                    raise self._bin_damage(damage) from None
             else:
                 f = t
                 W[f + 1] = ((start - f) << 3) | FOREIGN | PREV_INUSE
@@ -508,7 +512,7 @@ class Heap:
                 next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
                 if next_free:
                     if check_only or not h & PREV_INUSE:
-                        bins.check_links(W, n, nsz, self.base)  # both neighbours go: check both before changing either
+                        bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
                 elif not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
                     raise HeapCorruption(f"header of the chunk after {self.base + (c << 3):#x} was overwritten",
                                          self.base + (n << 3))
@@ -520,11 +524,11 @@ class Heap:
                     raise HeapCorruption(f"chunk before {self.base + (c << 3):#x} has a bad boundary tag {psz}",
                                          self.base + (c << 3))
                 if check_only:
-                    bins.check_links(W, pc, psz, self.base)
+                    bins.check_links(W, pc, psz)
             if check_only:
                 return 0
             if psz:
-                bins.unlink(W, pc, psz, self.base)
+                bins.unlink(W, pc, psz)
                 W[c + 1] = h & ~TAG_MASK  # no tag survives inside a free chunk: one there means damage
                 c = pc
                 sz += psz
@@ -533,16 +537,18 @@ class Heap:
                 W[H_TOP] = c
                 return sz + nsz
             if next_free:
-                bins.unlink(W, n, nsz, self.base)
+                bins.unlink(W, n, nsz)
                 sz += nsz
             else:
                 W[n + 1] = nh & ~PREV_INUSE
             W[c + 1] = sz | PREV_INUSE
             W[c + (sz >> 3)] = sz
-            bins.insert(W, c, sz, self.base)
+            bins.insert(W, c, sz)
             return 0
         except IndexError:
             raise self._leads_out(c) from None
+        except bins.BinDamage as damage:
+            raise self._bin_damage(damage) from None
 
     def resize_in_place(self, c: int, nb: int, *, grow_top: bool) -> bool:
         """Make the in-use chunk at `c` exactly or about `nb` bytes without moving it; False if it can't.
@@ -588,13 +594,13 @@ class Heap:
             nsz = nh & SIZE_MASK
             if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
                 return False
-            bins.unlink(W, n, nsz, self.base)
+            bins.unlink(W, n, nsz)
             total = sz + nsz
             if total - nb >= MIN_CHUNK:
                 r = c + (nb >> 3)
                 W[r + 1] = (total - nb) | PREV_INUSE
                 W[c + (total >> 3)] = total - nb
-                bins.insert(W, r, total - nb, self.base)
+                bins.insert(W, r, total - nb)
                 total = nb
             else:
                 W[c + (total >> 3) + 1] |= PREV_INUSE
@@ -602,6 +608,8 @@ class Heap:
             return True
         except IndexError:
             raise self._leads_out(c) from None
+        except bins.BinDamage as damage:
+            raise self._bin_damage(damage) from None
 
     def align_chunk(self, c: int, nb: int, alignment: int) -> int:
         """Carve a chunk of `nb` bytes whose block is `alignment`-aligned out of the in-use chunk at `c`.
@@ -694,6 +702,11 @@ class Heap:
     def _closed(self) -> ValueError:
         """The error for a call on a heap whose region was closed (as Python's I/O on a closed file)."""
         return ValueError(f"the heap at {self.base:#x} is over a region that was closed")
+
+    def _bin_damage(self, damage: bins.BinDamage) -> HeapCorruption:
+        """The HeapCorruption, with the chunk's address, for damage the bins found."""
+        at = self.base + (damage.chunk << 3)
+        return HeapCorruption(f"free chunk at {at:#x}: {damage.what}", at)
 
     def _leads_out(self, c: int) -> HeapCorruption:
         """The error for a size or link around the chunk at word `c` that points outside the region."""
