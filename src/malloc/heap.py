@@ -529,7 +529,7 @@ class Heap:
                 return 0
             if psz:
                 bins.unlink(W, pc, psz)
-                W[c + 1] = h & ~TAG_MASK  # no tag survives inside a free chunk: one there means damage
+                W[c + 1] = sz  # no tag survives inside a free chunk: one there means damage
                 c = pc
                 sz += psz
             if n == t:
