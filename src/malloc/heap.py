@@ -511,6 +511,9 @@ class Heap:
                                          self.base + (n << 3))
                 next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
                 if next_free:
+                    if W[n + (nsz >> 3)] != nsz:  # glibc's "corrupted size vs. prev_size"
+                        raise HeapCorruption(f"free chunk after {self.base + (c << 3):#x}: its size {nsz} "
+                                             "disagrees with its boundary tag", self.base + (n << 3))
                     if check_only or not h & PREV_INUSE:
                         bins.check_links(W, n, nsz)  # both neighbours go: check both before changing either
                 elif not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
@@ -594,6 +597,9 @@ class Heap:
             nsz = nh & SIZE_MASK
             if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
                 return False
+            if W[n + (nsz >> 3)] != nsz:
+                raise HeapCorruption(f"free chunk after {self.base + (c << 3):#x}: its size {nsz} "
+                                     "disagrees with its boundary tag", self.base + (n << 3))
             bins.unlink(W, n, nsz)
             total = sz + nsz
             if total - nb >= MIN_CHUNK:
