@@ -332,7 +332,8 @@ class Heap:
                     raise HeapCorruption(f"a bin links to {self.base + (c << 3):#x}, which is no chunk",
                                          self.base + (c << 3))
                 sz = W[c + 1] & SIZE_MASK
-                if sz < nb or c + (sz >> 3) >= t or W[c + (sz >> 3)] != sz:  # glibc's size vs. prev_size
+                e = c + (sz >> 3)
+                if sz < nb or e >= t or W[e] != sz:  # glibc's "corrupted size vs. prev_size"
                     raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
                                          self.base + (c << 3))
                 bins.unlink(W, c, sz)
@@ -344,7 +345,7 @@ class Heap:
                     bins.insert(W, r, rem)
                     sz = nb
                 else:
-                    W[c + (sz >> 3) + 1] |= PREV_INUSE
+                    W[e + 1] |= PREV_INUSE
                 # A free chunk's predecessor is always in use (free neighbours are coalesced).
                 W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
                 return c
@@ -506,12 +507,13 @@ class Heap:
             nsz = nh & SIZE_MASK
             next_free = False
             if n != t:
-                if nsz < HEADER or n + (nsz >> 3) > t:
+                e = n + (nsz >> 3)
+                if nsz < HEADER or e > t:
                     raise HeapCorruption(f"chunk after {self.base + (c << 3):#x} has a bad size {nsz}",
                                          self.base + (n << 3))
-                next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
+                next_free = not W[e + 1] & PREV_INUSE
                 if next_free:
-                    if W[n + (nsz >> 3)] != nsz:  # glibc's "corrupted size vs. prev_size"
+                    if W[e] != nsz:  # glibc's "corrupted size vs. prev_size"
                         raise HeapCorruption(f"free chunk after {self.base + (c << 3):#x}: its size {nsz} "
                                              "disagrees with its boundary tag", self.base + (n << 3))
                     if check_only or not h & PREV_INUSE:
