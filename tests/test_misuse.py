@@ -875,3 +875,80 @@ def test_no_bad_argument_crashes_the_interpreter() -> None:
     """)
     assert report["intact"] is True
     assert report["calls"] > 1000
+
+
+# ----------------------------------------------------------------------------- what the errors say
+
+
+class BadIndex:
+    """An `__index__` that breaks its contract (returns a str)."""
+
+    def __index__(self) -> str:
+        return "10"
+
+
+def test_an_index_that_returns_a_non_int_is_a_type_error_naming_the_argument(setup: Setup) -> None:
+    failures = []
+    calls = {**size_calls(setup), **address_calls(setup)}
+    for op, call in calls.items():
+        if op.startswith("mallopt"):
+            continue  # mallopt takes plain ints only
+        failures.append(rejected(setup, TypeError, bound(call, BadIndex()), f"{op} with x=BadIndex()"))
+        with pytest.raises(TypeError, match=r"must be an integer, not BadIndex \(__index__ returned non-int"):
+            call(BadIndex())
+    assert_all_rejected(failures)
+
+
+def test_argument_checks_do_not_depend_on_asserts() -> None:
+    """Under `python -O` the same TypeErrors, with the same messages."""
+    proc = subprocess.run([sys.executable, "-O", "-c", textwrap.dedent("""
+        import malloc
+        class BadIndex:
+            def __index__(self):
+                return 10.0
+        for f in (malloc.malloc, malloc.free, malloc.usable_size, lambda x: malloc.calloc(x, 1),
+                  lambda x: malloc.memalign(64, x), lambda x: malloc.realloc(0, x)):
+            try:
+                f(BadIndex())
+                print("accepted")
+            except TypeError as e:
+                print("TypeError", "must be an integer" in str(e))
+        """)], capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:-1] == ["TypeError True"] * 6
+
+
+def test_a_heap_over_a_closed_region_says_so() -> None:
+    region = malloc.MapRegion(1 << 20, "misuse test")
+    h = malloc.Heap(region)
+    p = h.malloc(100)
+    region.close()
+    calls: dict[str, Callable[[], object]] = {
+        "malloc": lambda: h.malloc(10), "calloc": lambda: h.calloc(1, 10), "free": lambda: h.free(p),
+        "realloc": lambda: h.realloc(p, 200), "memalign": lambda: h.memalign(64, 10),
+        "usable_size": lambda: h.usable_size(p), "trim": h.trim, "check": h.check, "walk": lambda: list(h.walk()),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=f"the heap at {h.base:#x} is over a region that was closed"):
+            call()
+
+
+def test_a_second_free_of_a_mapped_block_says_it_is_not_live(pa: malloc.ProcessAllocator) -> None:
+    p = pa.malloc(1 << 20)
+    assert p in pa.mapped_chunks()
+    pa.free(p)
+    with pytest.raises(malloc.InvalidPointer, match=f"{p:#x} is not a live block of this allocator "
+                                                    r"\(freed, or never allocated here\)"):
+        pa.free(p)
+
+
+def test_heap_corruption_found_in_the_bins_names_the_absolute_address(heap: malloc.Heap) -> None:
+    x, y, guard = heap.malloc(2000), heap.malloc(2000), heap.malloc(100)
+    heap.free(x)  # x's chunk goes to a large bin
+    word(x).value = (guard - HEADER - heap.base) >> 3  # its next link now names a chunk that does not link back
+    before = region_bytes(heap)
+    with pytest.raises(malloc.HeapCorruption) as info:
+        heap.free(y)  # y coalesces with x: unlinking x finds the damage
+    assert info.value.address == x - HEADER
+    assert f"{x - HEADER:#x}" in str(info.value)
+    assert region_bytes(heap) == before

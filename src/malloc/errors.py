@@ -24,7 +24,9 @@ class DoubleFree(HeapError, ValueError):
 class HeapCorruption(HeapError):
     """A chunk header or free-list link that breaks the heap's invariants.
 
-    `address` is the chunk where the damage was found (0 when it is the heap header).
+    `address` is an absolute address, as the allocator's functions take and return them: the header of the
+    chunk where the damage was found, or the heap's base when it is in the heap's own header (0 when no
+    heap is concerned, as for the fast cache's bookkeeping).
     """
 
     def __init__(self, message: str, address: int = 0) -> None:

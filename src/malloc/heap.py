@@ -33,6 +33,7 @@ writes anything; `check()` walks the whole heap and states every invariant in on
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import SupportsIndex
@@ -87,28 +88,31 @@ class Chunk:
     request: int = -1  # bytes asked for by the allocation that made an in-use chunk, when known
 
 
+def _index(n: object, what: str) -> int:
+    """`n` through `__index__`, as Python's own sequences take it: TypeError naming `what` for a bool, an
+    object without `__index__`, or one whose `__index__` does not return an int."""
+    if isinstance(n, bool):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        return operator.index(n)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise TypeError(f"{what} must be an integer, not {type(n).__name__} ({exc})") from None
+
+
 def size_arg(n: object, what: str = "size") -> int:
     """`n` as a byte count: TypeError for a non-integer, ValueError for a negative one."""
-    if n.__class__ is not int:
-        if isinstance(n, bool) or not hasattr(n, "__index__"):
-            raise TypeError(f"{what} must be an integer, not {type(n).__name__}")
-        n = n.__index__()
-    assert isinstance(n, int)
-    if n < 0:
-        raise ValueError(f"{what} must not be negative: {n}")
-    return n
+    v = n if type(n) is int else _index(n, what)
+    if v < 0:
+        raise ValueError(f"{what} must not be negative: {v}")
+    return v
 
 
 def address_arg(p: object) -> int:
     """`p` as an address: TypeError for a non-integer, InvalidPointer for a negative one."""
-    if p.__class__ is not int:
-        if isinstance(p, bool) or not hasattr(p, "__index__"):
-            raise TypeError(f"address must be an integer, not {type(p).__name__}")
-        p = p.__index__()
-    assert isinstance(p, int)
-    if p < 0:
-        raise InvalidPointer(f"negative address {p}")
-    return p
+    v = p if type(p) is int else _index(p, "address")
+    if v < 0:
+        raise InvalidPointer(f"negative address {v:#x}")
+    return v
 
 
 def alignment_arg(alignment: object) -> int:
@@ -132,8 +136,8 @@ class Heap:
                  trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> None:
         self.region = region
         self.base = region.base
-        self.top_pad = top_pad
-        self.trim_threshold = trim_threshold
+        self.top_pad = size_arg(top_pad, "top_pad")
+        self.trim_threshold = size_arg(trim_threshold, "trim_threshold")
         self._w = region.words
         if attach:
             self.check(full=False)
@@ -210,6 +214,11 @@ class Heap:
             return 0
         return size
 
+    @property
+    def empty(self) -> bool:
+        """Whether every chunk is free: the top starts at the first chunk."""
+        return self._w[H_TOP] == HEAP_WORDS
+
     def owns(self, address: int) -> bool:
         """Whether `address` lies in this heap's chunks."""
         return self.base + HEAP_HEADER <= address < self.base + (self._w[H_END] << 3)
@@ -218,6 +227,8 @@ class Heap:
 
     def malloc(self, n: SupportsIndex) -> int:
         """Address of a new block of at least `n` bytes, 16-byte aligned; MemoryError if none."""
+        if not self.region.base:
+            raise self._closed()
         n = size_arg(n)
         if n > MAX_REQUEST:
             raise MemoryError(f"cannot allocate {n} bytes")
@@ -230,6 +241,8 @@ class Heap:
 
     def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """A zeroed block for `count` elements of `size` bytes; MemoryError if the product is too large."""
+        if not self.region.base:
+            raise self._closed()
         total = size_arg(count, "count") * size_arg(size)
         if total > MAX_REQUEST:
             raise MemoryError(f"calloc({count}, {size}) overflows")
@@ -245,6 +258,8 @@ class Heap:
 
     def free(self, p: SupportsIndex) -> None:
         """Free the block at `p` (0 does nothing); InvalidPointer or DoubleFree if it is not live."""
+        if not self.region.base:
+            raise self._closed()
         p = address_arg(p)
         if not p:
             return
@@ -256,6 +271,8 @@ class Heap:
 
         `realloc(0, n)` is `malloc(n)`; `realloc(p, 0)` frees `p` and returns 0.
         """
+        if not self.region.base:
+            raise self._closed()
         p = address_arg(p)
         n = size_arg(n)
         if not p:
@@ -278,6 +295,8 @@ class Heap:
 
     def memalign(self, alignment: SupportsIndex, n: SupportsIndex) -> int:
         """A block of at least `n` bytes whose address is a multiple of `alignment` (a power of two)."""
+        if not self.region.base:
+            raise self._closed()
         a = alignment_arg(alignment)
         n = size_arg(n)
         if n > MAX_REQUEST or a > MAX_REQUEST:
@@ -294,6 +313,8 @@ class Heap:
 
     def usable_size(self, p: SupportsIndex) -> int:
         """Bytes usable in the live block at `p`."""
+        if not self.region.base:
+            raise self._closed()
         c = self.chunk_of(address_arg(p))
         return (self._w[c + 1] & SIZE_MASK) - OVERHEAD
 
@@ -306,91 +327,96 @@ class Heap:
         first fitting chunk of the size-sorted large bin, else the smallest chunk of the next non-empty
         bin (the bitmap finds it), else the top. Never asks the OS for memory.
         """
-        W = self._w
-        if nb < SMALL_LIMIT:
-            i = nb >> 4
-            c = W[H_BINS + i]
-            if c:
-                # Exact fit, the common case: pop the bin's first chunk.
-                nxt = W[c + 2]
-                if W[c + 3] or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
-                    raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: bin links broken",
-                                         self.base + (c << 3))
-                W[H_BINS + i] = nxt
-                if nxt:
-                    W[nxt + 3] = 0
-                else:
-                    W[H_SMALLMAP] &= ~(1 << i)
-                W[c + (nb >> 3) + 1] |= PREV_INUSE
-                W[c + 1] = nb | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
-                return c
-            m = W[H_SMALLMAP] >> (i + 1)
-            if m:
-                c = W[H_BINS + i + (m & -m).bit_length()]
-            else:
-                m = W[H_LARGEMAP]
-                c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
-        else:
-            # The first chunk that fits is the best, as the bin is sorted (bins.slot's walk, written out: this
-            # is the engine's hottest loop, and a call costs more than most walks).
-            i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
-            c = W[H_BINS + i]
-            prev = 0
-            try:
-                while c and (W[c + 1] & SIZE_MASK) < nb:
-                    if W[c + 3] != prev:  # also ends a cycle made by an overwritten link
-                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: back link broken",
+        try:
+            W = self._w
+            if nb < SMALL_LIMIT:
+                i = nb >> 4
+                c = W[H_BINS + i]
+                if c:
+                    # Exact fit, the common case: pop the bin's first chunk.
+                    nxt = W[c + 2]
+                    if W[c + 3] or W[c + 1] != nb + PREV_INUSE or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
+                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: bin links or size broken",
                                              self.base + (c << 3))
-                    prev = c
-                    c = W[c + 2]
-            except IndexError:
-                raise HeapCorruption(f"bin {i}'s links lead out of the heap", self.base + (prev << 3)) from None
-            if not c:
-                m = W[H_LARGEMAP] >> (i - 63)
-                c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
-        if c:
-            t = W[H_TOP]
-            if c & 1 or c >= t:
-                raise HeapCorruption(f"a bin links to word {c}, which is no chunk", self.base)
-            sz = W[c + 1] & SIZE_MASK
-            if sz < nb or c + (sz >> 3) >= t:
-                raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
-                                     self.base + (c << 3))
-            rem = sz - nb
-            if rem >= MIN_CHUNK:
-                r = c + (nb >> 3)
-                bins.relink(W, self.base, c, sz, 0, 0, r, rem)
-                W[r + 1] = rem | PREV_INUSE
-                W[r + (rem >> 3)] = rem
-                sz = nb
+                    W[H_BINS + i] = nxt
+                    if nxt:
+                        W[nxt + 3] = 0
+                    else:
+                        W[H_SMALLMAP] &= ~(1 << i)
+                    W[c + (nb >> 3) + 1] |= PREV_INUSE
+                    W[c + 1] = nb | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
+                    return c
+                m = W[H_SMALLMAP] >> (i + 1)
+                if m:
+                    c = W[H_BINS + i + (m & -m).bit_length()]
+                else:
+                    m = W[H_LARGEMAP]
+                    c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
             else:
-                bins.relink(W, self.base, c, sz, 0, 0, 0, 0)
-                W[c + (sz >> 3) + 1] |= PREV_INUSE
-            # A free chunk's predecessor is always in use (free neighbours are coalesced).
-            W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
-            return c
-        t = W[H_TOP]
-        tsz = W[t + 1] & SIZE_MASK
-        if tsz < nb + MIN_CHUNK:
-            return 0
-        top = t + (nb >> 3)
-        if top + ((tsz - nb) >> 3) != W[H_END]:
-            raise HeapCorruption(f"top chunk at {self.base + (t << 3):#x} has a bad size {tsz}",
-                                 self.base + (t << 3))
-        W[top + 1] = (tsz - nb) | PREV_INUSE
-        W[H_TOP] = top
-        if top + 2 > W[H_CLEAN]:
-            W[H_CLEAN] = top + 2
-        W[t + 1] = nb | PREV_INUSE | ((t | 1) & TAG_BITS) << TAG_SHIFT
-        return t
+                # The first chunk that fits is the best, as the bin is sorted (bins.slot's walk, written out: this
+                # is the engine's hottest loop, and a call costs more than most walks).
+                i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
+                c = W[H_BINS + i]
+                prev = 0
+                try:
+                    while c and (W[c + 1] & SIZE_MASK) < nb:
+                        if W[c + 3] != prev:  # also ends a cycle made by an overwritten link
+                            raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: back link broken",
+                                                 self.base + (c << 3))
+                        prev = c
+                        c = W[c + 2]
+                except IndexError:
+                    raise HeapCorruption(f"bin {i}'s links lead out of the heap", self.base + (prev << 3)) from None
+                if not c:
+                    m = W[H_LARGEMAP] >> (i - 63)
+                    c = W[H_BINS + i + (m & -m).bit_length()] if m else 0
+            if c:
+                t = W[H_TOP]
+                if c & 1 or c >= t or c < HEAP_WORDS:
+                    raise HeapCorruption(f"a bin links to {self.base + (c << 3):#x}, which is no chunk",
+                                         self.base + (c << 3))
+                sz = W[c + 1] & SIZE_MASK
+                e = c + (sz >> 3)
+                if sz < nb or e >= t or W[e] != sz:  # glibc's "corrupted size vs. prev_size"
+                    raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x} has a bad size {sz}",
+                                         self.base + (c << 3))
+                rem = sz - nb
+                if rem >= MIN_CHUNK:
+                    r = c + (nb >> 3)
+                    bins.relink(W, self.base, c, sz, 0, 0, r, rem)
+                    W[r + 1] = rem | PREV_INUSE
+                    W[r + (rem >> 3)] = rem
+                    sz = nb
+                else:
+                    bins.relink(W, self.base, c, sz, 0, 0, 0, 0)
+                    W[c + (sz >> 3) + 1] |= PREV_INUSE
+                # A free chunk's predecessor is always in use (free neighbours are coalesced).
+                W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
+                return c
+            t = W[H_TOP]
+            tsz = W[t + 1] & SIZE_MASK
+            if tsz < nb + MIN_CHUNK:
+                return 0
+            top = t + (nb >> 3)
+            if top + ((tsz - nb) >> 3) != W[H_END]:
+                raise HeapCorruption(f"top chunk at {self.base + (t << 3):#x} has a bad size {tsz}",
+                                     self.base + (t << 3))
+            W[top + 1] = (tsz - nb) | PREV_INUSE
+            W[H_TOP] = top
+            if top + 2 > W[H_CLEAN]:
+                W[H_CLEAN] = top + 2
+            W[t + 1] = nb | PREV_INUSE | ((t | 1) & TAG_BITS) << TAG_SHIFT
+            return t
+        except IndexError:
+            raise HeapCorruption(f"heap at {self.base:#x}: a bin or the top chunk leads out of the heap",
+                                 self.base) from None
 
     def extend(self, nb: int, reason: str) -> None:
         """Grow the region so the top chunk can serve a chunk of `nb` bytes (plus the top pad)."""
         self.settle()
+        t, old_end = self._checked_top()
         W = self._w
-        t = W[H_TOP]
         tsz = W[t + 1] & SIZE_MASK
-        old_end = W[H_END]
         if self.region.size >> 3 > old_end:
             # The region holds memory past the heap's end: a trim was cut short between its two steps.
             self._absorb()
@@ -545,69 +571,75 @@ class Heap:
         `check_only` stops there. Returns the top's new size when the chunk merged into the top (the
         caller may trim), else 0.
         """
-        W = self._w
-        base = self.base
-        h = W[c + 1]
-        sz = h & SIZE_MASK
-        n = c + (sz >> 3)
-        t = W[H_TOP]
-        nh = W[n + 1]
-        nsz = nh & SIZE_MASK
-        next_free = False
-        if n != t:
-            if nsz < HEADER or n + (nsz >> 3) > t:
-                raise HeapCorruption(f"chunk after {base + (c << 3):#x} has a bad size {nsz}", base + (n << 3))
-            next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
-            if not next_free and not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
-                raise HeapCorruption(f"header of the chunk after {base + (c << 3):#x} was overwritten",
-                                     base + (n << 3))
-        pc = psz = 0
-        if not h & PREV_INUSE:
-            psz = W[c]
-            pc = c - (psz >> 3)
-            if psz < MIN_CHUNK or psz & 15 or pc < HEAP_WORDS or (W[pc + 1] & ~PREV_INUSE) != psz:
-                raise HeapCorruption(f"chunk before {base + (c << 3):#x} has a bad boundary tag {psz}",
-                                     base + (c << 3))
-            c = pc
-            sz += psz
-        b = n if next_free else 0
-        if b:
-            sz += nsz
-        if check_only:
-            bins.relink(W, base, pc, psz, b, nsz, 0, 0, dry=True)  # both neighbours' links, before either goes
-            return 0
-        # A chunk merged into the one before keeps its old header inside the merged chunk: its in-use tag
-        # goes, so that the freed block no longer passes `find_chunk` (a second free is caught).
-        old = n - ((h & SIZE_MASK) >> 3)
-        if n == t:
-            if pc:
-                bins.relink(W, base, pc, psz, 0, 0, 0, 0)
-            W[old + 1] = h & ~TAG_MASK
-            W[c + 1] = (sz + nsz) | PREV_INUSE
-            W[H_TOP] = c
-            return sz + nsz
-        if sz < SMALL_LIMIT and not pc and not b:
-            # The common case, a small chunk between chunks in use, written out: it goes to the head of its
-            # bin (bins.relink's insert, with no call before the stores).
-            i = sz >> 4
-            head = W[H_BINS + i]
-            if head and W[head + 3]:
-                raise HeapCorruption(f"free chunk at {base + (head << 3):#x}: back link broken", base + (head << 3))
-            W[c + 2] = head
-            W[c + 3] = 0
-            if head:
-                W[head + 3] = c
+        try:
+            W = self._w
+            base = self.base
+            h = W[c + 1]
+            sz = h & SIZE_MASK
+            n = c + (sz >> 3)
+            t = W[H_TOP]
+            nh = W[n + 1]
+            nsz = nh & SIZE_MASK
+            next_free = False
+            if n != t:
+                if nsz < HEADER or n + (nsz >> 3) > t:
+                    raise HeapCorruption(f"chunk after {base + (c << 3):#x} has a bad size {nsz}", base + (n << 3))
+                next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
+                if next_free and W[n + (nsz >> 3)] != nsz:  # glibc's "corrupted size vs. prev_size"
+                    raise HeapCorruption(f"free chunk after {base + (c << 3):#x}: its size {nsz} disagrees with its "
+                                         "boundary tag", base + (n << 3))
+                if not next_free and not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
+                    raise HeapCorruption(f"header of the chunk after {base + (c << 3):#x} was overwritten",
+                                         base + (n << 3))
+            pc = psz = 0
+            if not h & PREV_INUSE:
+                psz = W[c]
+                pc = c - (psz >> 3)
+                if psz < MIN_CHUNK or psz & 15 or pc < HEAP_WORDS or (W[pc + 1] & ~PREV_INUSE) != psz:
+                    raise HeapCorruption(f"chunk before {base + (c << 3):#x} has a bad boundary tag {psz}",
+                                         base + (c << 3))
+                c = pc
+                sz += psz
+            b = n if next_free else 0
+            if b:
+                sz += nsz
+            if check_only:
+                bins.relink(W, base, pc, psz, b, nsz, 0, 0, dry=True)  # both neighbours' links, before either goes
+                return 0
+            # A chunk merged into the one before keeps its old header inside the merged chunk: its in-use tag
+            # goes, so that the freed block no longer passes `find_chunk` (a second free is caught).
+            old = n - ((h & SIZE_MASK) >> 3)
+            if n == t:
+                if pc:
+                    bins.relink(W, base, pc, psz, 0, 0, 0, 0)
+                W[old + 1] = h & ~TAG_MASK
+                W[c + 1] = (sz + nsz) | PREV_INUSE
+                W[H_TOP] = c
+                return sz + nsz
+            if sz < SMALL_LIMIT and not pc and not b:
+                # The common case, a small chunk between chunks in use, written out: it goes to the head of its
+                # bin (bins.relink's insert, with no call before the stores).
+                i = sz >> 4
+                head = W[H_BINS + i]
+                if head and W[head + 3]:
+                    raise HeapCorruption(f"free chunk at {base + (head << 3):#x}: back link broken", base + (head << 3))
+                W[c + 2] = head
+                W[c + 3] = 0
+                if head:
+                    W[head + 3] = c
+                else:
+                    W[H_SMALLMAP] |= 1 << i
+                W[H_BINS + i] = c
             else:
-                W[H_SMALLMAP] |= 1 << i
-            W[H_BINS + i] = c
-        else:
-            bins.relink(W, base, pc, psz, b, nsz, c, sz)
-        if not next_free:
-            W[n + 1] = nh & ~PREV_INUSE
-        W[old + 1] = h & ~TAG_MASK
-        W[c + 1] = sz | PREV_INUSE
-        W[c + (sz >> 3)] = sz
-        return 0
+                bins.relink(W, base, pc, psz, b, nsz, c, sz)
+            if not next_free:
+                W[n + 1] = nh & ~PREV_INUSE
+            W[old + 1] = h & ~TAG_MASK
+            W[c + 1] = sz | PREV_INUSE
+            W[c + (sz >> 3)] = sz
+            return 0
+        except IndexError:
+            raise self._leads_out(c) from None
 
     def resize_in_place(self, c: int, nb: int, *, grow_top: bool) -> bool:
         """Make the in-use chunk at `c` exactly or about `nb` bytes without moving it; False if it can't.
@@ -615,58 +647,64 @@ class Heap:
         Shrinks by splitting off the tail; grows into a free next chunk or into the top, and, when
         `grow_top` is set and the chunk borders the top, by extending the region first.
         """
-        W = self._w
-        h = W[c + 1]
-        sz = h & SIZE_MASK
-        keep = h & (PREV_INUSE | TAG_MASK)
-        if nb <= sz:
-            if sz - nb >= MIN_CHUNK:
-                r = c + (nb >> 3)
-                tr = tag(r)
-                # First commit: the tail becomes an in-use chunk that the journal owes back; settle frees it.
-                W[r + 1] = (sz - nb) | PREV_INUSE | tr
-                W[c + 1] = nb | keep
-                W[H_JOURNAL] = r
-                self.settle()
-            return True
-        n = c + (sz >> 3)
-        t = W[H_TOP]
-        if n == t:
-            tsz = W[t + 1] & SIZE_MASK
-            if sz + tsz < nb + MIN_CHUNK:
-                if not grow_top:
-                    return False
-                try:
-                    self.extend(nb - sz, "heap top too small to grow a block in place")
-                except MemoryError:
-                    return False  # the caller moves the block instead
-                W = self._w
-                if W[H_TOP] != t:  # the region continued past a foreign span: cannot grow here
-                    return False
+        try:
+            W = self._w
+            h = W[c + 1]
+            sz = h & SIZE_MASK
+            keep = h & (PREV_INUSE | TAG_MASK)
+            if nb <= sz:
+                if sz - nb >= MIN_CHUNK:
+                    r = c + (nb >> 3)
+                    tr = tag(r)
+                    # First commit: the tail becomes an in-use chunk that the journal owes back; settle frees it.
+                    W[r + 1] = (sz - nb) | PREV_INUSE | tr
+                    W[c + 1] = nb | keep
+                    W[H_JOURNAL] = r
+                    self.settle()
+                return True
+            n = c + (sz >> 3)
+            t = W[H_TOP]
+            if n == t:
                 tsz = W[t + 1] & SIZE_MASK
-            top = c + (nb >> 3)
-            W[top + 1] = (sz + tsz - nb) | PREV_INUSE
-            W[H_TOP] = top
-            if top + 2 > W[H_CLEAN]:
-                W[H_CLEAN] = top + 2
-            W[c + 1] = nb | keep
+                if sz + tsz < nb + MIN_CHUNK:
+                    if not grow_top:
+                        return False
+                    try:
+                        self.extend(nb - sz, "heap top too small to grow a block in place")
+                    except MemoryError:
+                        return False  # the caller moves the block instead
+                    W = self._w
+                    if W[H_TOP] != t:  # the region continued past a foreign span: cannot grow here
+                        return False
+                    tsz = W[t + 1] & SIZE_MASK
+                top = c + (nb >> 3)
+                W[top + 1] = (sz + tsz - nb) | PREV_INUSE
+                W[H_TOP] = top
+                if top + 2 > W[H_CLEAN]:
+                    W[H_CLEAN] = top + 2
+                W[c + 1] = nb | keep
+                return True
+            nh = W[n + 1]
+            nsz = nh & SIZE_MASK
+            if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
+                return False
+            if W[n + (nsz >> 3)] != nsz:  # glibc's "corrupted size vs. prev_size"
+                raise HeapCorruption(f"free chunk after {self.base + (c << 3):#x}: its size {nsz} "
+                                     "disagrees with its boundary tag", self.base + (n << 3))
+            total = sz + nsz
+            if total - nb >= MIN_CHUNK:
+                r = c + (nb >> 3)
+                bins.relink(W, self.base, n, nsz, 0, 0, r, total - nb)
+                W[r + 1] = (total - nb) | PREV_INUSE
+                W[c + (total >> 3)] = total - nb
+                total = nb
+            else:
+                bins.relink(W, self.base, n, nsz, 0, 0, 0, 0)
+                W[c + (total >> 3) + 1] |= PREV_INUSE
+            W[c + 1] = total | keep
             return True
-        nh = W[n + 1]
-        nsz = nh & SIZE_MASK
-        if W[n + (nsz >> 3) + 1] & PREV_INUSE or sz + nsz < nb:
-            return False
-        total = sz + nsz
-        if total - nb >= MIN_CHUNK:
-            r = c + (nb >> 3)
-            bins.relink(W, self.base, n, nsz, 0, 0, r, total - nb)
-            W[r + 1] = (total - nb) | PREV_INUSE
-            W[c + (total >> 3)] = total - nb
-            total = nb
-        else:
-            bins.relink(W, self.base, n, nsz, 0, 0, 0, 0)
-            W[c + (total >> 3) + 1] |= PREV_INUSE
-        W[c + 1] = total | keep
-        return True
+        except IndexError:
+            raise self._leads_out(c) from None
 
     def align_chunk(self, c: int, nb: int, alignment: int) -> int:
         """Carve a chunk of `nb` bytes whose block is `alignment`-aligned out of the in-use chunk at `c`.
@@ -712,13 +750,15 @@ class Heap:
         when the region cannot shrink, they are released with madvise instead, once (the clean mark
         remembers). With `inner`, the whole pages inside every large free chunk are released too.
         """
+        if not self.region.base:
+            raise self._closed()
         pad = size_arg(pad, "pad")
         W = self._w
         region = self.region
         page = libc.PAGE_SIZE
         released = False
-        t = W[H_TOP]
-        end = W[H_END] << 3
+        t, end = self._checked_top()
+        end <<= 3
         keep = (t << 3) + MIN_CHUNK + pad
         extra = ((end - keep) // page) * page if end > keep else 0
         edge = "the break" if region.kind == "brk" else "the heap's end"
@@ -736,7 +776,7 @@ class Heap:
             self._w = W = region.words
         else:
             lo = ((region.base + keep + page - 1) & ~(page - 1)) - region.base
-            if W[H_CLEAN] << 3 > lo and region.release(
+            if W[H_CLEAN] << 3 > lo and end > keep and region.release(
                     keep, end - keep, f"{reason}: whole pages of the free top, {region.base + keep:#x}-"
                                       f"{region.base + end:#x}: {edge} cannot come down (other memory lies "
                                       "above it, or another thread runs)"):
@@ -744,8 +784,16 @@ class Heap:
                 released = True
         if inner:
             for i in range(64, N_BINS):
+                prev = 0
                 for f in bins.members(W, i):
                     fsz = W[f + 1] & SIZE_MASK
+                    # madvise zeroes what it is given: only a chunk that is free by every mark goes to it.
+                    if f & 1 or f < HEAP_WORDS or fsz < MIN_CHUNK or f + (fsz >> 3) >= t or W[f + 3] != prev \
+                            or W[f + 1] != fsz | PREV_INUSE or W[f + (fsz >> 3)] != fsz \
+                            or W[f + (fsz >> 3) + 1] & PREV_INUSE:
+                        raise HeapCorruption(f"free chunk at {self.base + (f << 3):#x} in bin {i} is damaged",
+                                             self.base + (f << 3))
+                    prev = f
                     why = (f"{reason}: whole pages inside a free {size_approx(fsz)} chunk at "
                            f"{region.base + (f << 3):#x}: {edge} cannot come down past the block in use above it")
                     if region.release((f << 3) + 32, fsz - 32, why):
@@ -753,6 +801,26 @@ class Heap:
         return released
 
     # ------------------------------------------------------------ the checks
+
+    def _checked_top(self) -> tuple[int, int]:
+        """(top chunk, end) as word indices, checked against each other and the region before a grow or a
+        trim hands anything derived from them to the OS."""
+        W = self._w
+        t, end = W[H_TOP], W[H_END]
+        if end << 3 > self.region.size or t & 1 or not HEAP_WORDS <= t <= end - 4 \
+                or t + ((W[t + 1] & SIZE_MASK) >> 3) != end:
+            raise HeapCorruption(f"heap at {self.base:#x}: top chunk (word {t}) or end (word {end}) damaged",
+                                 self.base)
+        return t, end
+
+    def _closed(self) -> ValueError:
+        """The error for a call on a heap whose region was closed (as Python's I/O on a closed file)."""
+        return ValueError(f"the heap at {self.base:#x} is over a region that was closed")
+
+    def _leads_out(self, c: int) -> HeapCorruption:
+        """The error for a size or link around the chunk at word `c` that points outside the region."""
+        at = self.base + (c << 3)
+        return HeapCorruption(f"chunk at {at:#x} or a neighbour has a size or link that leads out of the heap", at)
 
     def _classify(self, c: int) -> Exception:
         """Why word `c` is not the start of a live chunk: walk the heap to find what lies there."""
@@ -762,18 +830,23 @@ class Heap:
         try:
             for w, size, word in self._walk():
                 if w == c:
-                    if word & FOREIGN:
-                        return InvalidPointer(f"{p:#x} is inside memory of the C library's own malloc")
                     if word & TAG_MASK == tag(w):
                         return HeapCorruption(f"the chunk after the block at {p:#x} was damaged "
                                               "(its size or PREV_INUSE bit overwritten)",
                                               base + (w << 3) + size)
-                    if self._is_free(w, size):
+                    if word & (TAG_MASK | IS_MMAPPED | FOREIGN) == FOREIGN and W[H_FOREIGN_CHUNKS]:
+                        return InvalidPointer(f"{p:#x} is inside memory of the C library's own malloc")
+                    if self._looks_free(w, size):
                         return DoubleFree(f"double free: the block at {p:#x} is already free")
                     return HeapCorruption(f"chunk header at {base + (c << 3):#x} was overwritten", base + (c << 3))
                 if w < c < w + (size >> 3):
                     stale = W[c + 1]
-                    if self._is_free(w, size) and not stale & TAG_MASK and \
+                    # A live header inside another chunk: the size at w was damaged (release untags the
+                    # header of a block it merges into the free chunk below it).
+                    if stale & TAG_MASK == tag(c):
+                        return HeapCorruption(f"the chunk at {base + (w << 3):#x} has a size that covers the "
+                                              f"live block at {p:#x}", base + (w << 3))
+                    if self._looks_free(w, size) and not stale & TAG_MASK and \
                             MIN_CHUNK <= (stale & SIZE_MASK) <= W[H_END] << 3:
                         return DoubleFree(f"double free: the block at {p:#x} was freed and merged")
                     return InvalidPointer(f"{p:#x} is not the start of a block (it lies inside one at "
@@ -781,6 +854,15 @@ class Heap:
         except HeapCorruption as exc:
             return exc
         return InvalidPointer(f"{p:#x} is not a block of this heap")
+
+    def _looks_free(self, w: int, size: int) -> bool:
+        """Whether the chunk at `w` is free by every mark: the top, or a header without a tag, a matching
+        boundary tag and the next chunk's PREV_INUSE clear (a damaged live chunk fails one of them)."""
+        W = self._w
+        if w == W[H_TOP]:
+            return True
+        n = w + (size >> 3)
+        return W[w + 1] == size | PREV_INUSE and W[n] == size and not W[n + 1] & PREV_INUSE
 
     def _is_free(self, w: int, size: int) -> bool:
         W = self._w
@@ -811,6 +893,8 @@ class Heap:
 
     def walk(self) -> Iterator[Chunk]:
         """Every chunk in address order."""
+        if not self.region.base:
+            raise self._closed()
         W = self._w
         for w, size, word in self._walk():
             if w == W[H_TOP]:
@@ -828,6 +912,8 @@ class Heap:
 
         `full=False` checks the header only; the full check walks every chunk and every bin.
         """
+        if not self.region.base:
+            raise self._closed()
         W = self._w
         base = self.base
 
@@ -838,7 +924,7 @@ class Heap:
             raise bad("heap header: bad magic number or version")
         end, top = W[H_END], W[H_TOP]
         if end << 3 > self.region.size or end & 1 or not HEAP_WORDS <= top <= end - 4 or top & 1:
-            raise bad(f"heap header: end {end} or top {top} (words) out of range")
+            raise bad(f"heap header: end {base + (end << 3):#x} or top {base + (top << 3):#x} out of range")
         if not full:
             return
         foreign_chunks = 0
@@ -894,7 +980,7 @@ class Heap:
             raise bad(f"free chunk at {base + (w << 3):#x} is in no bin", w)
         clean = W[H_CLEAN]
         if clean < top + 2 and clean < end:
-            raise bad(f"heap header: clean mark {clean} is below the top chunk's header")
+            raise bad(f"heap header: clean mark {base + (clean << 3):#x} is below the top chunk's header")
 
     def free_stats(self) -> tuple[int, int]:
         """(number, bytes) of free chunks in the bins."""

@@ -338,7 +338,10 @@ class ProcessAllocator:
                 # Made as glibc makes its first heap, whose first chunk is the thread's tcache: the header,
                 # the top pad and a minimal chunk, in whole pages. The request then comes from that top, or
                 # grows it as any other would, so a program's first request does not set the heap's size.
-                region = BreakRegion(HEAP_HEADER + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
+                try:
+                    region = BreakRegion(HEAP_HEADER + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
+                except MemoryError:  # a pad the break cannot give: start without it, as Heap.extend grows
+                    region = BreakRegion(HEAP_HEADER + MIN_CHUNK, "first heap: " + reason + " (without the top pad)")
                 main = self._main = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
                 self._add_heap(main)
             main.top_pad = opts.top_pad
@@ -356,9 +359,15 @@ class ProcessAllocator:
                 return heap
             except MemoryError:
                 continue
-        size = max(HEAP_HEADER + nb + MIN_CHUNK + opts.top_pad, FALLBACK_HEAP_MIN)
-        mapping = MapRegion(size, reason + ": the break cannot grow, so a heap over a mapping",
-                            reserve=max(MAP_RESERVE, page_align_up(size, PAGE)))
+        size = max(HEAP_HEADER + nb + MIN_CHUNK, FALLBACK_HEAP_MIN)
+        reason += ": the break cannot grow, so a heap over a mapping"
+        if size <= MAP_RESERVE:
+            mapping = MapRegion(min(size + opts.top_pad, MAP_RESERVE), reason, reserve=MAP_RESERVE)
+        else:
+            # Larger than a heap's reservation: one plain mapping of the size needed, as glibc maps when sbrk
+            # fails. The kernel charges it at once, so a request it cannot back is a MemoryError now rather
+            # than the OOM killer later; wholly free again, it is unmapped (_drop_if_empty).
+            mapping = MapRegion(size, reason, reserve=size)
         heap = Heap(mapping, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
         self._add_heap(heap)
         self._note_system()
@@ -471,7 +480,9 @@ class ProcessAllocator:
         sz = heap.chunk_size(c)
         if self._perturb:
             libc.memset(p, self._perturb, sz - OVERHEAD)
-        if sz <= CACHE_MAX:
+        # Only the main heap's blocks are cached: a heap over a mapping goes back to the OS once wholly free,
+        # which a cached block would prevent.
+        if sz <= CACHE_MAX and heap is self._main:
             entries = self._cache_bins.get(sz)
             if entries is None:
                 entries = self._cache_bins.setdefault(sz, [])
@@ -498,6 +509,16 @@ class ProcessAllocator:
                   f"{size_text(self.options.trim_threshold)} trim threshold {when}")
         if heap.trim(self.options.top_pad, reason):
             self._note_system()
+        self._drop_if_empty(heap)
+
+    def _drop_if_empty(self, heap: Heap) -> None:
+        """Unmap a heap over a mapping whose every chunk is free (only the main heap stays for good)."""
+        if heap is self._main or not heap.empty:
+            return
+        i = self._by_start.index(heap)
+        del self._starts[i], self._by_start[i]  # out of every list in one run of stores (remove runs last)
+        self._heaps.remove(heap)
+        heap.region.close()
 
     def _heap_of(self, p: int) -> Heap:
         """The heap whose chunks hold address `p`, or InvalidPointer."""
@@ -509,7 +530,7 @@ class ProcessAllocator:
             heap = self._by_start[i]
             if heap.owns(p):
                 return heap
-        raise InvalidPointer(f"{p:#x} was not allocated by this allocator")
+        raise InvalidPointer(f"{p:#x} is not a live block of this allocator (freed, or never allocated here)")
 
     def _check_mapped(self, p: int, m: int, length: int) -> None:
         header = libc.memory_view(p - HEADER, HEADER).cast("Q")
@@ -939,9 +960,10 @@ class ProcessAllocator:
                     self._mend()
                 self._flush_cache()
                 released = False
-                for heap in self._heaps:
+                for heap in list(self._heaps):
                     if heap.trim(pad, "malloc_trim", inner=True):
                         released = True
+                    self._drop_if_empty(heap)
                 return released
         except BaseException:
             self._mending = self._slow = True

@@ -10,11 +10,12 @@ took in between (the heap covers that span with a foreign chunk).
 from __future__ import annotations
 
 import ctypes
+import operator
 import struct
-from typing import Final
+from typing import Final, SupportsIndex
 
 from .errors import HeapCorruption
-from .layout import ALIGNMENT, page_align_up
+from .layout import ALIGNMENT, MAX_REQUEST, page_align_up
 from .os import libc
 
 PAGE = libc.PAGE_SIZE
@@ -26,6 +27,22 @@ if struct.calcsize(WORD_FORMAT) != 8:
     raise ImportError("malloc needs 64-bit unsigned long words (an LP64 platform)")
 # Default address space reserved for a heap over a mapping (glibc's HEAP_MAX_SIZE on 64-bit).
 MAP_RESERVE = 64 << 20
+
+
+def region_size(n: SupportsIndex, what: str) -> int:
+    """`n` checked as a region size: TypeError for a non-integer, ValueError for a negative one, MemoryError
+    beyond MAX_REQUEST (no machine can give it, and larger values would wrap in the system calls' C types)."""
+    if isinstance(n, bool):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        size = operator.index(n)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, not {type(n).__name__}") from None
+    if size < 0:
+        raise ValueError(f"{what} must not be negative: {size}")
+    if size > MAX_REQUEST:
+        raise MemoryError(f"{what} of {size} bytes is more than any machine can give")
+    return size
 
 
 class Region:
@@ -61,6 +78,9 @@ class Region:
     def release(self, offset: int, nbytes: int, reason: str) -> bool:
         """Let the OS reclaim the whole pages in `[offset, offset + nbytes)`, which read as zero after;
         False when there is no whole page."""
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise ValueError(f"release of [{offset:#x}, {offset + nbytes:#x}) is outside the region's "
+                             f"{self.size:#x} bytes")
         start = page_align_up(self.base + offset, PAGE)
         end = (self.base + offset + nbytes) & ~(PAGE - 1)
         if end <= start:
@@ -87,7 +107,7 @@ class BreakRegion(Region):
     _done: list[int]  # the result of the last such sbrk, stored before anything can interrupt
 
     def __init__(self, initial: int, reason: str) -> None:
-        if initial <= 0:
+        if region_size(initial, "initial size") == 0:
             raise ValueError("initial size must be positive")
         self._done = []
         start = libc.current_break()
@@ -102,6 +122,7 @@ class BreakRegion(Region):
         return "brk"
 
     def grow(self, min_bytes: int, reason: str) -> int:
+        region_size(min_bytes, "growth")  # a positive increment that fits sbrk's ssize_t: the break only rises
         end = self.base + self.size
         incr = page_align_up(end + min_bytes, PAGE) - end
         words = self._view(self.size + incr)
@@ -137,7 +158,9 @@ class BreakRegion(Region):
 
     def shrink(self, nbytes: int, reason: str) -> bool:
         end = self.base + self.size
-        if nbytes <= 0 or nbytes > self.size or libc.thread_count() != 1:
+        if nbytes > self.size:
+            raise ValueError(f"cannot shrink a {self.size:#x}-byte region by {nbytes:#x} bytes")
+        if nbytes <= 0 or libc.thread_count() != 1:
             return False
         words = self._view(self.size - nbytes)
         # Compare the break right before lowering it, with nothing in between that could make the C
@@ -164,19 +187,25 @@ class MapRegion(Region):
     """A heap over a private anonymous mapping: address space reserved up front, committed as it grows.
 
     The reservation is PROT_NONE, so untouched address space costs nothing; growing makes pages
-    readable and writable with mprotect, as glibc does for its secondary heaps.
+    readable and writable with mprotect, as glibc does for its secondary heaps. A region with no room
+    to grow (`reserve` at most `initial`) is one plain writable mapping instead, which the kernel charges
+    against its commit limit: one it cannot back fails at once with MemoryError, as glibc's malloc then
+    returns NULL, instead of being touched into the OOM killer later.
     """
 
     def __init__(self, initial: int, reason: str, reserve: int = MAP_RESERVE) -> None:
-        initial = page_align_up(max(initial, PAGE), PAGE)
-        self._reserved = page_align_up(max(reserve, initial), PAGE)
-        self.base = libc.mmap_anonymous(self._reserved, reason, prot=libc.PROT_NONE,
-                                        flags=libc.MAP_NORESERVE)
-        try:
-            libc.mprotect(self.base, initial, libc.PROT_READ | libc.PROT_WRITE, reason)
-        except BaseException:
-            libc.munmap(self.base, self._reserved, "undo: a new heap mapping could not be committed")
-            raise
+        initial = page_align_up(max(region_size(initial, "initial size"), PAGE), PAGE)
+        self._reserved = page_align_up(max(region_size(reserve, "reserve"), initial), PAGE)
+        if self._reserved == initial:
+            self.base = libc.mmap_anonymous(initial, reason)
+        else:
+            self.base = libc.mmap_anonymous(self._reserved, reason, prot=libc.PROT_NONE,
+                                            flags=libc.MAP_NORESERVE)
+            try:
+                libc.mprotect(self.base, initial, libc.PROT_READ | libc.PROT_WRITE, reason)
+            except BaseException:
+                libc.munmap(self.base, self._reserved, "undo: a new heap mapping could not be committed")
+                raise
         self.size = initial
         self._rebuild()
 
@@ -189,7 +218,7 @@ class MapRegion(Region):
         return self._reserved
 
     def grow(self, min_bytes: int, reason: str) -> int:
-        incr = page_align_up(min_bytes, PAGE)
+        incr = page_align_up(region_size(min_bytes, "growth"), PAGE)
         if self.size + incr > self._reserved:
             raise MemoryError(f"heap mapping at {self.base:#x} is full ({self._reserved} bytes reserved)")
         libc.mprotect(self.base + self.size, incr, libc.PROT_READ | libc.PROT_WRITE, reason)
@@ -203,7 +232,9 @@ class MapRegion(Region):
         return 0 < nbytes <= self.size
 
     def shrink(self, nbytes: int, reason: str) -> bool:
-        if nbytes <= 0 or nbytes > self.size:
+        if nbytes > self.size:
+            raise ValueError(f"cannot shrink a {self.size:#x}-byte region by {nbytes:#x} bytes")
+        if nbytes <= 0:
             return False
         # The region shrinks first: an exception before the system calls leaves pages readable and
         # writable past its end, which a later growth makes readable and writable again anyway.

@@ -69,6 +69,23 @@ memmove = ctypes.memmove
 memset = ctypes.memset
 
 
+_SSIZE_MAX = (1 << 63) - 1
+_ADDRESS_LIMIT = 1 << 64
+
+
+def _length(size: int, call: str) -> int:
+    """`size` as a length for `call`: ctypes would wrap a value outside the C type silently."""
+    if not 0 <= size <= _SSIZE_MAX:
+        raise ValueError(f"{call}: length {size:#x} out of range")
+    return size
+
+
+def _address(address: int, call: str) -> int:
+    if not 0 <= address < _ADDRESS_LIMIT:
+        raise ValueError(f"{call}: address {address:#x} out of range")
+    return address
+
+
 def _fail(call: str) -> Exception:
     err = ctypes.get_errno()
     if err == errno.ENOMEM:
@@ -83,6 +100,8 @@ def current_break() -> int:
 
 def sbrk(increment: int, reason: str, out: list[int] | None = None) -> int:
     """Move the program break by `increment` bytes; return the old break (see `out` above)."""
+    if not -_SSIZE_MAX <= increment <= _SSIZE_MAX:
+        raise ValueError(f"sbrk: increment {increment:#x} out of range")
     if out is None:
         result = _sbrk(increment)
     else:
@@ -99,6 +118,8 @@ def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE
                    address: int = 0, out: list[int] | None = None) -> int:
     """Map `size` bytes of private anonymous memory; return its address (see `out` above)."""
     flags |= MAP_PRIVATE | MAP_ANONYMOUS
+    address = _address(address, "mmap")
+    size = _length(size, "mmap")
     if out is None:
         result = _mmap_fn(address or None, size, prot, flags, -1, 0)
     else:
@@ -113,6 +134,8 @@ def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE
 
 def munmap(address: int, size: int, reason: str, out: list[int] | None = None) -> None:
     """Unmap `size` bytes at `address` (see `out` above)."""
+    address = _address(address, "munmap")
+    size = _length(size, "munmap")
     if out is None:
         rc = _munmap(address, size)
     else:
@@ -127,6 +150,9 @@ def mremap(address: int, old_size: int, new_size: int, reason: str, *, may_move:
            out: list[int] | None = None) -> int:
     """Resize the mapping at `address`; return its (possibly new) address (see `out` above)."""
     flags = MREMAP_MAYMOVE if may_move else 0
+    address = _address(address, "mremap")
+    old_size = _length(old_size, "mremap")
+    new_size = _length(new_size, "mremap")
     if out is None:
         result = _mremap(address, old_size, new_size, flags)
     else:
@@ -141,7 +167,7 @@ def mremap(address: int, old_size: int, new_size: int, reason: str, *, may_move:
 
 def mprotect(address: int, size: int, prot: int, reason: str) -> None:
     """Change the protection of `size` bytes at `address`."""
-    rc = _mprotect(address, size, prot)
+    rc = _mprotect(_address(address, "mprotect"), _length(size, "mprotect"), prot)
     events.record("mprotect", (address, size, prot), rc, reason)
     if rc != 0:
         raise _fail(f"mprotect({address:#x}, {size})")
@@ -149,7 +175,7 @@ def mprotect(address: int, size: int, prot: int, reason: str) -> None:
 
 def madvise_dontneed(address: int, size: int, reason: str) -> None:
     """Give the pages of `size` bytes at `address` back; they read as zero afterwards."""
-    rc = _madvise(address, size, MADV_DONTNEED)
+    rc = _madvise(_address(address, "madvise"), _length(size, "madvise"), MADV_DONTNEED)
     events.record("madvise", (address, size, MADV_DONTNEED), rc, reason)
     if rc != 0:
         raise _fail(f"madvise({address:#x}, {size})")
