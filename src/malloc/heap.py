@@ -495,20 +495,7 @@ class Heap:
         The cheap tier of checks: alignment, range, the in-use tag, the size and the next chunk's
         PREV_INUSE bit.
         """
-        W = self._w
-        off = p - self.base - HEADER
-        if off & 15:
-            return 0
-        c = off >> 3
-        t = W[H_TOP]
-        if c < HEAP_WORDS or c >= t:
-            return 0
-        h = W[c + 1]
-        n = c + ((h & SIZE_MASK) >> 3)
-        if h >> TAG_SHIFT != (c | 1) & TAG_BITS or h & (IS_MMAPPED | FOREIGN) \
-                or n - c < 4 or n > t or not W[n + 1] & PREV_INUSE:
-            return 0
-        return c
+        return (p - self.base - HEADER) >> 3 if self.block_size(p) else 0
 
     def would_serve(self, blocks: set[int], nb: int) -> list[int]:
         """Of `blocks`, live blocks of this heap the caller may free, those that freed would make room for a

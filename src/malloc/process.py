@@ -34,7 +34,7 @@ import warnings
 from bisect import bisect_right
 from collections.abc import Iterator
 from sys import getrefcount
-from typing import Final, SupportsIndex
+from typing import Final, SupportsIndex, cast
 
 from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
@@ -679,17 +679,22 @@ class ProcessAllocator:
         flight until realloc returns it."""
         viewed = p in self._views and self._viewed(p)
         mapped = self._mapped.get(p)
+        heap: Heap | None = None
+        c = 0
+        if mapped is not None:
+            self._check_mapped(p, *mapped)
+        else:
+            heap, c = self._live_chunk(p)
+        if n == 0:
+            if viewed:
+                raise _view_alive(p, "free")
+            self._free_block(p, None)
+            return 0, 0, 0
+        if n > MAX_REQUEST:
+            raise MemoryError(f"cannot allocate {n} bytes")
+        nb = request_to_size(n)
         if mapped is not None:
             m, length = mapped
-            self._check_mapped(p, m, length)
-            if n == 0:
-                if viewed:
-                    raise _view_alive(p, "free")
-                self._free_block(p, None)
-                return 0, 0, 0
-            if n > MAX_REQUEST:
-                raise MemoryError(f"cannot allocate {n} bytes")
-            nb = request_to_size(n)
             new_length = page_align_up(nb + OVERHEAD + p - HEADER - m, PAGE)
             if new_length <= length:
                 if viewed and new_length < length:
@@ -700,15 +705,7 @@ class ProcessAllocator:
                 return p, 0, 0
             usable = length - (p - m)
         else:
-            heap, c = self._live_chunk(p)
-            if n == 0:
-                if viewed:
-                    raise _view_alive(p, "free")
-                self._free_block(p, None)
-                return 0, 0, 0
-            if n > MAX_REQUEST:
-                raise MemoryError(f"cannot allocate {n} bytes")
-            nb = request_to_size(n)
+            heap = cast(Heap, heap)  # set with the chunk above: a block is mapped or in a heap
             sz = heap.chunk_size(c)
             if nb <= sz:
                 if sz - nb < MIN_CHUNK:
