@@ -58,6 +58,7 @@ from .layout import (
     TAG_MASK,
     TAG_SHIFT,
     bin_index,
+    check_request,
     request_to_size,
     tag,
 )
@@ -230,8 +231,7 @@ class Heap:
         if not self.region.base:
             raise self._closed()
         n = size_arg(n)
-        if n > MAX_REQUEST:
-            raise MemoryError(f"cannot allocate {n} bytes")
+        check_request(n)
         nb = request_to_size(n)
         c = self.allocate(nb)
         if not c:
@@ -281,8 +281,7 @@ class Heap:
         if n == 0:
             self.release(c)
             return 0
-        if n > MAX_REQUEST:
-            raise MemoryError(f"cannot allocate {n} bytes")
+        check_request(n)
         nb = request_to_size(n)
         if self.resize_in_place(c, nb, grow_top=True):
             return p

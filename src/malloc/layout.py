@@ -55,6 +55,12 @@ def tag(w: int) -> int:
     return ((w | 1) & TAG_BITS) << TAG_SHIFT
 
 
+def check_request(n: int) -> None:
+    """MemoryError for a request of `n` bytes that no machine could serve (and that would wrap in C types)."""
+    if n > MAX_REQUEST:
+        raise MemoryError(f"cannot allocate {n} bytes")
+
+
 def request_to_size(n: int) -> int:
     """Chunk size for a request of `n` bytes (glibc's request2size)."""
     size = (n + OVERHEAD + 15) & ~15

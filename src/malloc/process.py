@@ -40,7 +40,16 @@ from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import HEAP_HEADER, Chunk, Heap, address_arg, alignment_arg, size_arg
 from .info import MallInfo
-from .layout import HEADER, IS_MMAPPED, MAX_REQUEST, MIN_CHUNK, OVERHEAD, page_align_up, request_to_size
+from .layout import (
+    HEADER,
+    IS_MMAPPED,
+    MAX_REQUEST,
+    MIN_CHUNK,
+    OVERHEAD,
+    check_request,
+    page_align_up,
+    request_to_size,
+)
 from .options import Options
 from .os import libc
 from .region import MAP_RESERVE, BreakRegion, MapRegion
@@ -281,8 +290,7 @@ class ProcessAllocator:
     def _allocate(self, n: int, nb: int, zero: bool) -> int:
         """Serve a request the cache could not: the heaps' free memory first, then the OS. The block is in
         flight (`_inflight`) from the commit that makes it."""
-        if n > MAX_REQUEST:
-            raise MemoryError(f"cannot allocate {n} bytes")
+        check_request(n)
         heap, c, clean = self._search(nb, zero)
         if heap is None:
             heap, p = self._from_os(nb, nb, 16, f"a request of {size_text(n)}")
@@ -317,8 +325,7 @@ class ProcessAllocator:
     def _nested_serve(self, n: int, nb: int, zero: bool, alignment: int) -> int:
         """A block for a call made while this thread is inside the allocator: from the fast cache, else a
         mapping of its own (zero already), never from a heap, which the interrupted call may be changing."""
-        if n > MAX_REQUEST:
-            raise MemoryError(f"cannot allocate {n} bytes")
+        check_request(n)
         if alignment <= 16 and nb <= CACHE_MAX:
             p = self._cache_take(nb)
             if p:
@@ -690,8 +697,7 @@ class ProcessAllocator:
                 raise _view_alive(p, "free")
             self._free_block(p, None)
             return 0, 0, 0
-        if n > MAX_REQUEST:
-            raise MemoryError(f"cannot allocate {n} bytes")
+        check_request(n)
         nb = request_to_size(n)
         if mapped is not None:
             m, length = mapped
