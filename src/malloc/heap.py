@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import SupportsIndex
 
 from . import bins
-from .bins import H_BINS, H_LARGEMAP, H_SMALLMAP
+from .bins import H_BINS, H_LARGEMAP, H_SMALLMAP, relink
 from .errors import DoubleFree, HeapCorruption, InvalidPointer
 from .layout import (
     FOREIGN,
@@ -382,12 +382,12 @@ class Heap:
                 rem = sz - nb
                 if rem >= MIN_CHUNK:
                     r = c + (nb >> 3)
-                    bins.relink(W, self.base, c, sz, 0, 0, r, rem)
+                    relink(W, self.base, c, sz, 0, 0, r, rem)
                     W[r + 1] = rem | PREV_INUSE
                     W[r + (rem >> 3)] = rem
                     sz = nb
                 else:
-                    bins.relink(W, self.base, c, sz, 0, 0, 0, 0)
+                    relink(W, self.base, c, sz, 0, 0, 0, 0)
                     W[c + (sz >> 3) + 1] |= PREV_INUSE
                 # A free chunk's predecessor is always in use (free neighbours are coalesced).
                 W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
@@ -590,14 +590,14 @@ class Heap:
             if b:
                 sz += nsz
             if check_only:
-                bins.relink(W, base, pc, psz, b, nsz, 0, 0, dry=True)  # both neighbours' links, before either goes
+                relink(W, base, pc, psz, b, nsz, 0, 0, dry=True)  # both neighbours' links, before either goes
                 return 0
             # A chunk merged into the one before keeps its old header inside the merged chunk: its in-use tag
             # goes, so that the freed block no longer passes `find_chunk` (a second free is caught).
             old = n - ((h & SIZE_MASK) >> 3)
             if n == t:
                 if pc:
-                    bins.relink(W, base, pc, psz, 0, 0, 0, 0)
+                    relink(W, base, pc, psz, 0, 0, 0, 0)
                 W[old + 1] = h & ~TAG_MASK
                 W[c + 1] = (sz + nsz) | PREV_INUSE
                 W[H_TOP] = c
@@ -617,7 +617,7 @@ class Heap:
                     W[H_SMALLMAP] |= 1 << i
                 W[H_BINS + i] = c
             else:
-                bins.relink(W, base, pc, psz, b, nsz, c, sz)
+                relink(W, base, pc, psz, b, nsz, c, sz)
             if not next_free:
                 W[n + 1] = nh & ~PREV_INUSE
             W[old + 1] = h & ~TAG_MASK
@@ -680,12 +680,12 @@ class Heap:
             total = sz + nsz
             if total - nb >= MIN_CHUNK:
                 r = c + (nb >> 3)
-                bins.relink(W, self.base, n, nsz, 0, 0, r, total - nb)
+                relink(W, self.base, n, nsz, 0, 0, r, total - nb)
                 W[r + 1] = (total - nb) | PREV_INUSE
                 W[c + (total >> 3)] = total - nb
                 total = nb
             else:
-                bins.relink(W, self.base, n, nsz, 0, 0, 0, 0)
+                relink(W, self.base, n, nsz, 0, 0, 0, 0)
                 W[c + (total >> 3) + 1] |= PREV_INUSE
             W[c + 1] = total | keep
             return True
