@@ -15,6 +15,7 @@ import ctypes
 import errno
 import mmap as _mmap
 import os
+from typing import Any
 
 from . import events
 
@@ -93,6 +94,15 @@ def _fail(call: str) -> Exception:
     return OSError(err, f"{call}: {os.strerror(err)}")
 
 
+def _call(out: list[int] | None, fn: Any, *args: Any) -> Any:
+    """`fn(*args)`; with `out`, run inside a slice assignment to `out`, so that the result is stored there
+    before a signal handler can run (see the module's docstring)."""
+    if out is None:
+        return fn(*args)
+    out[:] = map(fn, *((a,) for a in args))
+    return out[0]
+
+
 def current_break() -> int:
     """The program break now (sbrk(0); not a system call in glibc, so not recorded)."""
     return int(_sbrk(0) or 0)
@@ -102,11 +112,7 @@ def sbrk(increment: int, reason: str, out: list[int] | None = None) -> int:
     """Move the program break by `increment` bytes; return the old break (see `out` above)."""
     if not -_SSIZE_MAX <= increment <= _SSIZE_MAX:
         raise ValueError(f"sbrk: increment {increment:#x} out of range")
-    if out is None:
-        result = _sbrk(increment)
-    else:
-        out[:] = map(_sbrk, (increment,))
-        result = out[0]
+    result = _call(out, _sbrk, increment)
     if result is None or result == _BRK_FAILED:
         events.record("sbrk", (increment,), -1, reason)
         raise _fail(f"sbrk({increment})")
@@ -120,11 +126,7 @@ def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE
     flags |= MAP_PRIVATE | MAP_ANONYMOUS
     address = _address(address, "mmap")
     size = _length(size, "mmap")
-    if out is None:
-        result = _mmap_fn(address or None, size, prot, flags, -1, 0)
-    else:
-        out[:] = map(_mmap_fn, (address or None,), (size,), (prot,), (flags,), (-1,), (0,))
-        result = out[0]
+    result = _call(out, _mmap_fn, address or None, size, prot, flags, -1, 0)
     if result is None or result == _MAP_FAILED:
         events.record("mmap", (address, size, prot, flags), -1, reason)
         raise _fail(f"mmap({size})")
@@ -136,11 +138,7 @@ def munmap(address: int, size: int, reason: str, out: list[int] | None = None) -
     """Unmap `size` bytes at `address` (see `out` above)."""
     address = _address(address, "munmap")
     size = _length(size, "munmap")
-    if out is None:
-        rc = _munmap(address, size)
-    else:
-        out[:] = map(_munmap, (address,), (size,))
-        rc = out[0]
+    rc = _call(out, _munmap, address, size)
     events.record("munmap", (address, size), rc, reason)
     if rc != 0:
         raise _fail(f"munmap({address:#x}, {size})")
@@ -153,11 +151,7 @@ def mremap(address: int, old_size: int, new_size: int, reason: str, *, may_move:
     address = _address(address, "mremap")
     old_size = _length(old_size, "mremap")
     new_size = _length(new_size, "mremap")
-    if out is None:
-        result = _mremap(address, old_size, new_size, flags)
-    else:
-        out[:] = map(_mremap, (address,), (old_size,), (new_size,), (flags,))
-        result = out[0]
+    result = _call(out, _mremap, address, old_size, new_size, flags)
     if result is None or result == _MAP_FAILED:
         events.record("mremap", (address, old_size, new_size), -1, reason)
         raise _fail(f"mremap({address:#x}, {old_size}, {new_size})")
