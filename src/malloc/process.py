@@ -219,16 +219,16 @@ class ProcessAllocator:
             return p
         return 0
 
-    def _uncache(self, heap: Heap, p: int) -> bool:
-        """Give the cached block `p` back to `heap`; False if it is no longer cached (another thread took it).
+    def _uncache(self, heap: Heap, p: int, c: int) -> bool:
+        """Give the cached block `p` (chunk `c` of `heap`, found by `chunk_of`) back to the heap; False if it
+        is no longer cached (another thread took it).
 
-        Out of the cache and into `_deferred` in one run of stores (the list's `remove` last: it runs before
-        anything can interrupt), then released and taken off `_deferred` in one commit: at every instant the
-        block is cached, deferred or free."""
+        Checked and taken out of the cache into `_deferred` in one run with no call before the list's
+        `remove` (which runs before anything can interrupt), then released and taken off `_deferred` in one
+        commit: at every instant the block is cached, deferred or free."""
         members = self._cached
         if p not in members:
             return False
-        c = heap.chunk_of(p)
         size = members[p]
         del members[p]
         self._deferred += (p,)
@@ -267,11 +267,9 @@ class ProcessAllocator:
         released = False
         for heap in self._heaps:
             blocks = cached if len(self._heaps) == 1 else {p for p in cached if heap.owns(p)}
-            chosen = heap.would_serve(blocks, nb)
-            for p in chosen:
-                heap.chunk_of(p)  # all checked before any goes back
-            for p in chosen:
-                if self._uncache(heap, p):
+            chosen = [(p, heap.chunk_of(p)) for p in heap.would_serve(blocks, nb)]  # all checked first
+            for p, c in chosen:
+                if self._uncache(heap, p, c):
                     released = True
         return released
 
@@ -776,11 +774,7 @@ class ProcessAllocator:
         ptr = address_arg(p)
         if not ptr:
             return 0
-        lock = self._lock
-        nested = lock._is_owned()  # type: ignore[attr-defined]
-        with lock:
-            if self._mending and not nested:
-                self._mend()
+        with self._settled():
             return self._usable(ptr)
 
     def _usable(self, p: int) -> int:
@@ -975,7 +969,8 @@ class ProcessAllocator:
     def _flush_cache(self) -> None:
         """Every cached block back into its heap."""
         for p in list(self._cached):
-            self._uncache(self._heap_of(p), p)
+            heap = self._heap_of(p)
+            self._uncache(heap, p, heap.chunk_of(p))
 
     def mallopt(self, param: SupportsIndex, value: SupportsIndex) -> int:
         """Change a setting under glibc's rules (see `options`); returns 1."""
