@@ -28,6 +28,7 @@ from .os.events import Recorder as _Recorder
 from .os.libc import PAGE_SIZE as _PAGE
 from .process import ProcessAllocator
 from .region import BreakRegion, BufferRegion, MapRegion, Region
+from .shared import SharedHeap
 
 __all__ = [
     "M_MMAP_MAX",
@@ -49,6 +50,7 @@ __all__ = [
     "Options",
     "ProcessAllocator",
     "Region",
+    "SharedHeap",
     "aligned_alloc",
     "allocator",
     "calloc",

@@ -253,6 +253,7 @@ class Heap:
             self.extend(nb, f"heap top too small for a {total}-byte calloc")
             clean = self._w[H_CLEAN]
             c = self.allocate(nb)
+        self.claimed(c)
         self.zero_fresh(c, clean)
         return self.base + (c << 3) + HEADER
 
@@ -287,6 +288,7 @@ class Heap:
             return p
         self.release(c, check_only=True)  # a block that cannot be freed must not be moved
         q = self.malloc(n)
+        self.claimed((q - self.base - HEADER) >> 3)
         old_usable = (self._w[c + 1] & SIZE_MASK) - OVERHEAD
         libc.memmove(q, p, min(old_usable, n))
         self.release(c)
@@ -721,6 +723,11 @@ class Heap:
         while p != first and p - first < MIN_CHUNK:
             p += alignment
         return c + ((p - first) >> 3)
+
+    def claimed(self, c: int) -> None:
+        """Called with a chunk just allocated that the same operation is about to fill (calloc's zeroes, a moving
+        realloc's copy) before that operation ends. A plain heap has nothing to do; a heap whose operations can
+        be undone after they wrote (a shared heap's journal) keeps what the fill overwrites."""
 
     def zero_fresh(self, c: int, clean: int) -> None:
         """Zero the block of the chunk at `c`, except what lies at or above word `clean` (still zero)."""

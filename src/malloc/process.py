@@ -28,16 +28,17 @@ between two stores) and on four arrangements here:
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import warnings
 from bisect import bisect_right
 from collections.abc import Iterator
-from sys import getrefcount
-from typing import Final, SupportsIndex, cast
+from typing import SupportsIndex, cast
 
 from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
+from .exports import UNSHARED as _UNSHARED
+from .exports import Exporter
+from .exports import most_referenced as _most_referenced
 from .heap import HEAP_HEADER, Chunk, Heap, address_arg, alignment_arg, size_arg
 from .info import MallInfo
 from .layout import (
@@ -61,24 +62,6 @@ PAGE = libc.PAGE_SIZE
 # MMAP_AS_MORECORE_SIZE).
 FALLBACK_HEAP_MIN = 1 << 20
 MAP_FAILED = (1 << 64) - 1
-
-Exporter = ctypes.Array[ctypes.c_char]
-
-
-def _most_referenced(exporters: list[Exporter]) -> int:
-    """The highest reference count among `exporters`, as this function sees it."""
-    most = 0
-    for exporter in exporters:
-        count = getrefcount(exporter)
-        if count > most:
-            most = count
-    return most
-
-
-# What _most_referenced reports for an exporter that only its list references: measured, not assumed, as the
-# interpreter counts the loop's reference and mypyc's compiled loop borrows the list's.
-_UNSHARED: Final = _most_referenced([(ctypes.c_char * 1)()])
-
 
 def _view_alive(p: int, what: str) -> BufferError:
     return BufferError(f"cannot {what} the block at {p:#x}: a view of it is still alive (a memoryview from "

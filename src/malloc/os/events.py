@@ -31,14 +31,16 @@ class Event:
         prot_names = (("PROT_READ", libc.PROT_READ), ("PROT_WRITE", libc.PROT_WRITE))
         if self.name == "mmap":
             prot = _flags(a[2], prot_names, "PROT_NONE")
-            flags = _flags(a[3], (("MAP_PRIVATE", libc.MAP_PRIVATE), ("MAP_ANONYMOUS", libc.MAP_ANONYMOUS),
+            flags = _flags(a[3], (("MAP_SHARED", libc.MAP_SHARED), ("MAP_PRIVATE", libc.MAP_PRIVATE),
+                                  ("MAP_ANONYMOUS", libc.MAP_ANONYMOUS),
                                   ("MAP_FIXED", libc.MAP_FIXED), ("MAP_NORESERVE", libc.MAP_NORESERVE),
                                   ("MAP_FIXED_NOREPLACE", libc.MAP_FIXED_NOREPLACE)), "0")
             shown = [f"{a[0]:#x}" if a[0] else "NULL", str(a[1]), prot, flags]
         elif self.name == "mprotect":
             shown = [f"{a[0]:#x}", str(a[1]), _flags(a[2], prot_names, "PROT_NONE")]
         elif self.name == "madvise":
-            shown = [f"{a[0]:#x}", str(a[1]), "MADV_DONTNEED" if a[2] == libc.MADV_DONTNEED else str(a[2])]
+            advice = {libc.MADV_DONTNEED: "MADV_DONTNEED", libc.MADV_REMOVE: "MADV_REMOVE"}
+            shown = [f"{a[0]:#x}", str(a[1]), advice.get(a[2], str(a[2]))]
         elif self.name in ("sbrk", "brk"):
             shown = [f"{a[0]:+d}" if self.name == "sbrk" else f"{a[0]:#x}"]
         else:  # munmap, mremap: an address, then sizes

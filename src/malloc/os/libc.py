@@ -24,6 +24,7 @@ PAGE_SIZE = _mmap.PAGESIZE
 PROT_NONE = 0
 PROT_READ = 1
 PROT_WRITE = 2
+MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
 MAP_FIXED = 0x10
 MAP_ANONYMOUS = 0x20
@@ -31,6 +32,8 @@ MAP_NORESERVE = 0x4000
 MAP_FIXED_NOREPLACE = 0x100000
 MREMAP_MAYMOVE = 1
 MADV_DONTNEED = 4
+MADV_REMOVE = 9
+MS_SYNC = 4
 
 _MAP_FAILED = (1 << 64) - 1
 _BRK_FAILED = (1 << 64) - 1
@@ -60,6 +63,10 @@ _mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _madvise = _libc.madvise
 _madvise.restype = ctypes.c_int
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+_msync = _libc.msync
+_msync.restype = ctypes.c_int
+_msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 _from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
 _from_memory.restype = ctypes.py_object
@@ -132,6 +139,39 @@ def mmap_anonymous(size: int, reason: str, *, prot: int = PROT_READ | PROT_WRITE
         raise _fail(f"mmap({size})")
     events.record("mmap", (address, size, prot, flags), result, reason)
     return int(result)
+
+
+def mmap_file(address: int, size: int, fd: int, offset: int, reason: str) -> None:
+    """Map `size` bytes of the file `fd` from `offset`, shared (MAP_SHARED|MAP_FIXED), at `address`: over
+    address space the caller reserved, which it replaces."""
+    address = _address(address, "mmap")
+    size = _length(size, "mmap")
+    prot = PROT_READ | PROT_WRITE
+    flags = MAP_SHARED | MAP_FIXED
+    result = _mmap_fn(address, size, prot, flags, fd, _length(offset, "mmap"))
+    if result is None or result == _MAP_FAILED:
+        events.record("mmap", (address, size, prot, flags), -1, reason)
+        raise _fail(f"mmap({address:#x}, {size}, fd {fd}, offset {offset})")
+    events.record("mmap", (address, size, prot, flags), result, reason)
+
+
+def msync(address: int, size: int) -> None:
+    """Write the shared mapping's dirty pages in `size` bytes at `address` to its file, and wait."""
+    rc = _msync(_address(address, "msync"), _length(size, "msync"), MS_SYNC)
+    if rc != 0:
+        raise _fail(f"msync({address:#x}, {size})")
+
+
+def madvise_remove(address: int, size: int, reason: str) -> bool:
+    """Free the file pages behind `size` bytes of a shared mapping at `address` (they read as zero after);
+    False, changing nothing, where the file system cannot punch holes."""
+    rc = _madvise(_address(address, "madvise"), _length(size, "madvise"), MADV_REMOVE)
+    events.record("madvise", (address, size, MADV_REMOVE), rc, reason)
+    if rc != 0:
+        if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise _fail(f"madvise({address:#x}, {size}, MADV_REMOVE)")
+    return True
 
 
 def munmap(address: int, size: int, reason: str, out: list[int] | None = None) -> None:

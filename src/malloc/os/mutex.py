@@ -1,0 +1,93 @@
+"""A robust, process-shared, error-checking pthread mutex living in shared memory.
+
+The mutex is 40 bytes (glibc's `pthread_mutex_t` on x86-64 and aarch64) at an address the caller gives, inside
+a mapping that every process using it has MAP_SHARED. Robust: when its owner dies, the kernel hands it to the
+next waiter with EOWNERDEAD, who repairs the data it guards and calls `consistent`. Error-checking: a thread
+that locks it twice gets EDEADLK instead of hanging, and an unlock by a thread that does not own it returns
+EPERM (which is what lets a caller unlock "if it still holds it" after an interruption). Uncontended, locking
+and unlocking make no system call (futex fast path); ctypes releases the GIL around every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from typing import Any
+
+MUTEX_SIZE = 40
+_ATTR_SIZE = 8  # pthread_mutexattr_t is 4 bytes; rounded up
+_PTHREAD_MUTEX_ERRORCHECK = 2
+_PTHREAD_PROCESS_SHARED = 1
+_PTHREAD_MUTEX_ROBUST = 1
+
+OWNER_DEAD = errno.EOWNERDEAD
+"""`lock`'s result when the previous owner died holding the mutex: the caller now owns it and must repair."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _bind(name: str, *argtypes: object) -> Any:
+    fn = getattr(_libc, name)
+    fn.restype = ctypes.c_int
+    fn.argtypes = list(argtypes)
+    return fn
+
+
+_vp = ctypes.c_void_p
+_attr_init = _bind("pthread_mutexattr_init", _vp)
+_attr_settype = _bind("pthread_mutexattr_settype", _vp, ctypes.c_int)
+_attr_setpshared = _bind("pthread_mutexattr_setpshared", _vp, ctypes.c_int)
+_attr_setrobust = _bind("pthread_mutexattr_setrobust", _vp, ctypes.c_int)
+_attr_destroy = _bind("pthread_mutexattr_destroy", _vp)
+_init = _bind("pthread_mutex_init", _vp, _vp)
+_trylock = _bind("pthread_mutex_trylock", ctypes.c_size_t)
+_unlock = _bind("pthread_mutex_unlock", ctypes.c_size_t)
+_consistent = _bind("pthread_mutex_consistent", ctypes.c_size_t)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_timedlock = _bind("pthread_mutex_timedlock", ctypes.c_size_t, ctypes.POINTER(_Timespec))
+
+
+def _check(rc: int, call: str) -> None:
+    if rc:
+        raise OSError(rc, f"{call}: {os.strerror(rc)}")
+
+
+def init(address: int) -> None:
+    """Make the 40 bytes at `address` a new robust, process-shared, error-checking mutex, unlocked."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _check(_attr_init(attr), "pthread_mutexattr_init")
+    try:
+        _check(_attr_settype(attr, _PTHREAD_MUTEX_ERRORCHECK), "pthread_mutexattr_settype")
+        _check(_attr_setpshared(attr, _PTHREAD_PROCESS_SHARED), "pthread_mutexattr_setpshared")
+        _check(_attr_setrobust(attr, _PTHREAD_MUTEX_ROBUST), "pthread_mutexattr_setrobust")
+        _check(_init(address, attr), "pthread_mutex_init")
+    finally:
+        _attr_destroy(attr)
+
+
+def deadline(seconds: float) -> _Timespec:
+    """The absolute time `seconds` from now, as `timed_lock_fast` takes it (by reference)."""
+    end = time.clock_gettime(time.CLOCK_REALTIME) + seconds
+    return _Timespec(int(end), int((end - int(end)) * 1e9))
+
+
+def consistent(address: int) -> None:
+    """Mark a mutex taken with OWNER_DEAD as repaired, so that it stays usable after this owner unlocks it."""
+    _check(_consistent(address), "pthread_mutex_consistent")
+
+
+# The raw calls, each returning an errno value: the shared heap runs them inside a slice assignment, so that
+# their result is stored before a signal handler can run (see shared/heap.py).
+try_lock_fast = _trylock
+"""`pthread_mutex_trylock(address)`: 0, OWNER_DEAD, EBUSY, EDEADLK (this thread holds it)."""
+timed_lock_fast = _timedlock
+"""`pthread_mutex_timedlock(address, deadline)`: as `try_lock_fast`, ETIMEDOUT when the deadline passed."""
+unlock_fast = _unlock
+"""`pthread_mutex_unlock(address)`: 0, or EPERM when this thread does not hold it (nothing changes)."""

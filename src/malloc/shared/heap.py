@@ -1,0 +1,603 @@
+"""SharedHeap: one heap in a file that many processes map at once, reachable by name, surviving a killed process.
+
+A shared heap is the engine (`heap.Heap`) over a `SharedRegion`: the heap's state lives in the file as offsets,
+so every process reads the same heap wherever its mapping lies. A block's handle is its offset from the
+segment's start; `address(off)` turns it into this process's address.
+
+Every operation holds the segment's lock, a robust process-shared mutex (os/mutex.py), and writes through the
+segment's undo journal (segment.py). Its shape, in `_run`:
+
+    take the lock          a slice assignment runs the C call and stores its result before a signal
+                           handler can run: we never hold the lock without knowing it
+    repair                 a journal left non-empty (a holder died or was interrupted) is undone;
+                           a grown extent is mapped
+    the operation          the engine, through journaled stores
+    commit and unlock      the journal is emptied (one store) and the lock released, with no point in
+                           between where a handler can run, so a handler's exception comes before
+                           the commit (undone: nothing happened) or after the return
+    on an exception        the journal is undone and the lock released (in a `finally`, so a second
+                           exception cannot keep the lock; an undo cut short is finished by the next holder)
+
+A process killed at any instant leaves the lock to the kernel (the next owner gets EOWNERDEAD) and the journal
+to the next holder. A thread that calls into a heap it is already inside (from a signal handler or a
+finalizer) gets RuntimeError: the interrupted operation's plans would no longer hold.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, SupportsIndex, TypeVar
+
+from ..errors import HeapCorruption, InvalidPointer
+from ..heap import HEAP_HEADER, Chunk, Heap, address_arg, size_arg
+from ..info import MallInfo
+from ..layout import HEADER, MAX_REQUEST, OVERHEAD, SIZE_MASK, page_align_up
+from ..os import files, libc, mutex
+from ..region import PAGE, region_size
+from . import values
+from .names import Names, name_bytes
+from .segment import (
+    DEFAULT_LIMIT,
+    J_START,
+    S_EXTENT,
+    S_JOURNAL,
+    S_LIMIT,
+    S_MAGIC,
+    S_VERSION,
+    SEG_HEADER,
+    SEG_MAGIC,
+    SEG_MIN,
+    SEG_VERSION,
+    SharedRegion,
+    format_header,
+    roll_back,
+)
+
+T = TypeVar("T")
+
+_try_lock = mutex.try_lock_fast
+_timed_lock = mutex.timed_lock_fast
+_unlock = mutex.unlock_fast
+_WAIT_SLICE = 0.05  # seconds a blocked caller waits between chances for Python to run signal handlers
+
+# The heaps this process has open, by file identity: unpickling a heap that is already open returns it
+# instead of mapping the segment again.
+_open: weakref.WeakValueDictionary[tuple[int, int], SharedHeap] = weakref.WeakValueDictionary()
+_open_lock = threading.Lock()
+
+
+class SegmentHeap(Heap):
+    """The engine over a shared segment: a block that an operation fills before it ends keeps, in the journal,
+    the words the fill overwrites that an undo needs (a free chunk's links and boundary tag)."""
+
+    def claimed(self, c: int) -> None:
+        W = self._w
+        W[c + 2] = W[c + 2]
+        W[c + 3] = W[c + 3]
+        e = c + ((W[c + 1] & SIZE_MASK) >> 3)
+        W[e] = W[e]
+
+
+class SharedHeap:
+    """A heap in POSIX shared memory (`create`, `attach`) or in a regular file (`open`), for many processes.
+
+    Blocks are named by offsets (ints): `malloc`, `calloc`, `realloc`, `free`, `usable_size`, `view`, `address`,
+    `offset`. Named values: `roots` (names to offsets), `put`, `get`, `ndarray`, `delete`. Misuse raises as the
+    process heap does, and a call that raises changes nothing. A heap pickles as its name or path.
+    """
+
+    def __init__(self, region: SharedRegion, heap: SegmentHeap, kind: str, path: str) -> None:
+        self._region = region
+        self._heap = heap
+        self._kind = kind  # "shm" or "file"
+        self._path = path
+        self._log = region.log
+        self._lock_arg = (region.lock_address(),)
+        self._extent = region.log[S_EXTENT]
+        self._sink: list[int] = []
+        self._names = Names(region, heap)
+        self.roots: MutableMapping[str, int] = Roots(self)
+        """Names (str) to offsets, stored in the heap: a process that attaches finds data by name."""
+
+    # ------------------------------------------------------------ making and finding heaps
+
+    @classmethod
+    def create(cls, name: str, size: SupportsIndex, *, max_size: SupportsIndex | None = None,
+               mode: int = 0o600) -> SharedHeap:
+        """A new heap in POSIX shared memory (/dev/shm/`name`) of `size` bytes, growing on demand up to
+        `max_size` (address space, not memory; 256 GiB when not given). FileExistsError if the name is taken."""
+        path = files.shm_path(name)
+        if os.path.exists(path):
+            raise FileExistsError(errno.EEXIST, f"a shared heap named {name!r} exists", path)
+        return cls._make(path, "shm", size, max_size, mode)
+
+    @classmethod
+    def attach(cls, name: str) -> SharedHeap:
+        """The heap made by `create(name)`, from any process. FileNotFoundError if there is none;
+        HeapCorruption if the segment is not a heap of this version or is damaged."""
+        return cls._adopt(files.shm_path(name), "shm")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], size: SupportsIndex | None = None) -> SharedHeap:
+        """A heap kept in the regular file at `path`: made with `size` bytes if the file is missing, reopened
+        with its contents otherwise. Several processes may open the same file at once."""
+        path = os.fspath(path)
+        if not isinstance(path, str):
+            raise TypeError("a heap file's path must be a str or os.PathLike[str]")
+        if size is not None and not os.path.exists(path):
+            try:
+                return cls._make(os.path.abspath(path), "file", size, None, 0o600)
+            except FileExistsError:
+                pass  # another process made it first: open theirs
+        return cls._adopt(os.path.abspath(path), "file")
+
+    @classmethod
+    def _make(cls, path: str, kind: str, size: SupportsIndex, max_size: SupportsIndex | None,
+              mode: int) -> SharedHeap:
+        n = region_size(size, "size")
+        extent = page_align_up(SEG_HEADER + max(n, PAGE), PAGE)
+        limit = max(DEFAULT_LIMIT, extent) if max_size is None else \
+            page_align_up(region_size(max_size, "max_size"), PAGE)
+        if limit < extent:
+            raise ValueError(f"max_size {limit} is less than the heap's first {extent} bytes")
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be a permission mask from 0 to 0o777, not {mode!r}")
+        fd, tmp = files.make_temporary(path, mode)
+        region = None
+        try:
+            files.allocate(fd, extent)
+            region = SharedRegion(fd, limit, f"shared heap {path} made")
+            region.map_to(extent, f"shared heap {path} made")
+            format_header(region.seg, extent, limit)
+            region.make_lock()
+            region.follow()
+            heap = SegmentHeap(region, top_pad=0, trim_threshold=max(DEFAULT_TRIM, 0))
+            region.log[S_JOURNAL] = J_START  # the format's stores need no undo
+            region.log[S_MAGIC] = SEG_MAGIC  # last: a heap only once whole
+            files.publish(tmp, path)
+        except BaseException:
+            if region is not None:
+                region.close()
+            else:
+                files.close(fd)
+            if os.path.exists(tmp):
+                files.unlink(tmp)
+            raise
+        return cls._register(cls(region, heap, kind, path))
+
+    @classmethod
+    def _adopt(cls, path: str, kind: str) -> SharedHeap:
+        fd = files.open_existing(path)
+        try:
+            key = files.identity(fd)
+            with _open_lock:
+                known = _open.get(key)
+            if known is not None and known._region.seg_base:
+                files.close(fd)
+                return known
+            limit = _check_start(files.read_start(fd, SEG_HEADER), files.file_size(fd), path)
+        except BaseException:
+            files.close(fd)
+            raise
+        region = SharedRegion(fd, limit, f"shared heap {path} attached")
+        try:
+            region.map_file(f"shared heap {path} attached")
+            heap = SegmentHeap.__new__(SegmentHeap)
+            shared = cls(region, heap, kind, path)
+            shared._run(shared._adopt_heap, heap)
+        except BaseException:
+            region.close()
+            raise
+        return cls._register(shared)
+
+    def _adopt_heap(self, heap: SegmentHeap) -> None:
+        """Under the lock, the journal repaired: adopt the engine's header (HeapCorruption if it is damaged)."""
+        Heap.__init__(heap, self._region, attach=True, top_pad=0, trim_threshold=DEFAULT_TRIM)
+
+    @classmethod
+    def _register(cls, shared: SharedHeap) -> SharedHeap:
+        with _open_lock:
+            _open[files.identity(shared._region.fd)] = shared
+        return shared
+
+    # ---------------------------------------------------------------- the operation protocol
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` as one operation of this heap: under its lock, journaled, all or nothing."""
+        got = [1]
+        got[:] = map(_try_lock, self._lock_arg)
+        try:
+            if got[0]:
+                self._acquire(got)
+            log = self._log
+            if log[S_JOURNAL] != J_START or log[S_EXTENT] != self._extent:
+                self._sync()
+            result = fn(*args)
+            release = map(_unlock, self._lock_arg)
+            log[S_JOURNAL] = J_START  # the commit
+            self._sink[:] = release
+            return result
+        except BaseException:
+            if not got[0]:
+                try:
+                    self._undo()
+                finally:
+                    _unlock(self._lock_arg[0])
+            raise
+
+    def _acquire(self, got: list[int]) -> None:
+        """Wait for the lock after a failed first try (`got[0]` the errno); `got[0]` becomes 0 once it is held."""
+        rc = got[0]
+        while rc == errno.EBUSY or rc == errno.ETIMEDOUT:
+            until = mutex.deadline(_WAIT_SLICE)
+            got[:] = map(_timed_lock, self._lock_arg, (until,))
+            rc = got[0]
+        if rc == mutex.OWNER_DEAD:
+            got[0] = 0
+            mutex.consistent(self._lock_arg[0])  # the journal, not the lock, carries the repair
+        elif rc == errno.EDEADLK:
+            raise RuntimeError("this thread is already inside this shared heap (a call from a signal handler or "
+                               "a finalizer during an operation): the interrupted operation cannot be left")
+        elif rc:
+            raise HeapCorruption(f"shared heap {self._path}: its lock is damaged ({os.strerror(rc)})",
+                                 self._region.seg_base)
+
+    def _sync(self) -> None:
+        """Under the lock: undo an operation left in the journal, then follow the extent."""
+        region = self._region
+        if self._log[S_JOURNAL] != J_START:
+            region.map_file("shared heap: map all of the file to undo an interrupted operation")
+            roll_back(region.seg)
+        region.follow()
+        self._heap._w = region.words
+        self._extent = self._log[S_EXTENT]
+
+    def _undo(self) -> None:
+        """Under the lock, after an exception: undo this operation's stores."""
+        roll_back(self._region.seg)
+        self._region.follow()
+        self._heap._w = self._region.words
+        self._extent = self._log[S_EXTENT]
+
+    # ------------------------------------------------------------------------ blocks
+
+    def _addr(self, off: object) -> int:
+        """The address of the block at offset `off`: TypeError for a non-integer, InvalidPointer outside the heap."""
+        o = address_arg(off)
+        region = self._region
+        if not region.seg_base:
+            raise self._closed()
+        if not SEG_HEADER + HEAP_HEADER < o < region.limit:
+            raise InvalidPointer(f"offset {o:#x} is not a block of this shared heap")
+        return region.seg_base + o
+
+    def _off(self, p: int) -> int:
+        return p - self._region.seg_base if p else 0
+
+    def malloc(self, n: SupportsIndex) -> int:
+        """The offset of a new block of at least `n` bytes; MemoryError when the heap cannot grow enough."""
+        if not self._region.seg_base:
+            raise self._closed()
+        return self._run(self._heap.malloc, n) - self._region.seg_base
+
+    def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
+        """The offset of a new zeroed block for `count` elements of `size` bytes."""
+        if not self._region.seg_base:
+            raise self._closed()
+        return self._run(self._heap.calloc, count, size) - self._region.seg_base
+
+    def realloc(self, off: SupportsIndex, n: SupportsIndex) -> int:
+        """Resize the block at `off` to `n` bytes, in place when possible; its (new) offset. `realloc(0, n)` is
+        `malloc(n)`; `realloc(off, 0)` frees the block and returns 0."""
+        o = address_arg(off)
+        if not o:
+            return self.malloc(n)
+        return self._off(self._run(self._heap.realloc, self._addr(o), n))
+
+    def free(self, off: SupportsIndex) -> None:
+        """Free the block at `off` (0 does nothing); InvalidPointer or DoubleFree if it is not live."""
+        o = address_arg(off)
+        if o:
+            self._run(self._heap.free, self._addr(o))
+
+    def usable_size(self, off: SupportsIndex) -> int:
+        """Bytes usable in the live block at `off`."""
+        return self._run(self._heap.usable_size, self._addr(off))
+
+    def view(self, off: SupportsIndex, n: SupportsIndex | None = None) -> memoryview:
+        """A writable memoryview of the block at `off`: all its usable bytes, or the first `n`. It stays valid
+        while the heap is open in this process (close() refuses while views are alive)."""
+        p = self._addr(off)
+        region = self._region
+        heap = self._heap
+        try:
+            size = heap.block_size(p)
+        except IndexError:  # the heap grew in another process: the locked path maps it
+            size = 0
+        if not size or p + size > region.seg_base + region.mapped:
+            size = self._run(heap.usable_size, p) + OVERHEAD
+        usable = size - OVERHEAD
+        k = usable if n is None else size_arg(n)
+        if k > usable:
+            raise ValueError(f"the block at offset {p - region.seg_base:#x} has {usable} usable bytes, not {k}")
+        o = p - region.seg_base
+        return memoryview(region.exporters[-1]).cast("B")[o:o + k]
+
+    def address(self, off: SupportsIndex) -> int:
+        """The address, in this process, of offset `off` of the heap."""
+        o = address_arg(off)
+        region = self._region
+        if not region.seg_base:
+            raise self._closed()
+        if o >= region.limit:
+            raise InvalidPointer(f"offset {o:#x} lies outside this shared heap")
+        return region.seg_base + o
+
+    def offset(self, address: SupportsIndex) -> int:
+        """The offset of `address` (an address in this process's mapping of the heap)."""
+        a = address_arg(address)
+        region = self._region
+        if not region.seg_base:
+            raise self._closed()
+        if not region.seg_base <= a < region.seg_base + region.limit:
+            raise InvalidPointer(f"{a:#x} is not inside this shared heap's mapping")
+        return a - region.seg_base
+
+    # ------------------------------------------------------------------ named values
+
+    def put(self, name: str, value: object) -> int:
+        """Copy `value` (a numpy array, or any bytes-like object) into the heap under `name`, replacing (and
+        freeing) what a put stored there before; its offset."""
+        key = name_bytes(name)
+        layout, data = values.layout_of(value)
+        if not self._region.seg_base:
+            raise self._closed()
+        return self._run(self._store, key, layout, data, False)
+
+    def ndarray(self, name: str, shape: object, dtype: object = float) -> Any:
+        """A new zeroed numpy array of `shape` and `dtype` in the heap under `name`, to fill in place."""
+        key = name_bytes(name)
+        layout = values.array_layout(shape, dtype)
+        if not self._region.seg_base:
+            raise self._closed()
+        self._run(self._store, key, layout, None, True)
+        return self.get(name)
+
+    def get(self, name: str) -> Any:
+        """The value stored under `name` by put or ndarray: a zero-copy numpy array, or a memoryview for bytes.
+        KeyError if there is none."""
+        key = name_bytes(name)
+        if not self._region.seg_base:
+            raise self._closed()
+        layout, start = self._run(self._load, key, name)
+        view = memoryview(self._region.exporters[-1]).cast("B")[start:start + layout.nbytes]
+        return values.as_value(layout, view)
+
+    def delete(self, name: str) -> None:
+        """Free the value stored under `name` and remove the name; KeyError if there is none."""
+        key = name_bytes(name)
+        if not self._region.seg_base:
+            raise self._closed()
+        if self._run(self._delete, key) is None:
+            raise KeyError(name)
+
+    def _delete(self, key: bytes) -> int | None:
+        old = self._names.delete(key)
+        if old is not None:
+            self._heap.free(self._region.seg_base + old)
+        return old
+
+    def _store(self, key: bytes, layout: values.Layout, data: memoryview | None, zero: bool) -> int:
+        heap = self._heap
+        total = layout.block_size
+        p = heap.calloc(total, 1) if zero else heap.malloc(total)
+        c = (p - heap.base - HEADER) >> 3
+        if not zero:
+            heap.claimed(c)
+        region = self._region
+        o = p - region.seg_base
+        seg = region.seg
+        for i, word in enumerate(layout.header_words):
+            seg[(o >> 3) + i] = word
+        if data is not None and layout.nbytes:
+            start = o + layout.data_offset
+            with memoryview(region.exporters[-1]).cast("B") as whole:
+                whole[start:start + layout.nbytes] = data
+        old = self._names.set(key, o)
+        if old is not None and self._is_value(old):
+            heap.free(region.seg_base + old)
+        return o
+
+    def _is_value(self, off: int) -> bool:
+        p = self._region.seg_base + off
+        size = self._heap.block_size(p) if SEG_HEADER < off < SEG_HEADER + self._region.size else 0
+        return bool(size) and size - OVERHEAD >= values.V_SHAPE * 8 and \
+            self._region.seg[off >> 3] == values.VALUE_MAGIC
+
+    def _load(self, key: bytes, name: str) -> tuple[values.Layout, int]:
+        off = self._names.get(key)
+        if off is None:
+            raise KeyError(name)
+        p = self._region.seg_base + off
+        size = self._heap.block_size(p) if SEG_HEADER < off < SEG_HEADER + self._region.size else 0
+        if not size:
+            raise HeapCorruption(f"shared heap: the name {name!r} leads to offset {off:#x}, not a live block", p)
+        layout = values.read_layout(self._region.seg, off >> 3, size - OVERHEAD, p)
+        return layout, off + layout.data_offset
+
+    # ------------------------------------------------------------------- inspection
+
+    def check(self) -> None:
+        """Verify the whole heap (every chunk, bin and name); HeapCorruption naming what is wrong."""
+        if not self._region.seg_base:
+            raise self._closed()
+        self._run(self._check)
+
+    def _check(self) -> None:
+        self._heap.check()
+        for _ in self._names.items():
+            pass
+
+    def mallinfo(self) -> MallInfo:
+        """glibc's mallinfo2 figures for this heap."""
+        if not self._region.seg_base:
+            raise self._closed()
+        return self._run(self._mallinfo)
+
+    def _mallinfo(self) -> MallInfo:
+        heap = self._heap
+        count, free_bytes = heap.free_stats()
+        top = heap.top_size
+        held = SEG_HEADER + heap.held
+        return MallInfo(arena=heap.held, ordblks=count + 1, smblks=0, hblks=0, hblkhd=0, usmblks=held,
+                        fsmblks=0, uordblks=heap.in_use, fordblks=free_bytes + top, keepcost=top,
+                        system_current=held, system_max=SEG_HEADER + heap.held_max)
+
+    def walk(self) -> list[Chunk]:
+        """Every chunk in address order, its `address` an offset in the heap (as handles are)."""
+        if not self._region.seg_base:
+            raise self._closed()
+        return self._run(self._walk)
+
+    def _walk(self) -> list[Chunk]:
+        b = self._region.seg_base
+        return [Chunk(c.address - b, c.size, c.state, c.bin) for c in self._heap.walk()]
+
+    @property
+    def name(self) -> str:
+        """The heap's name (shared memory) or absolute path (file)."""
+        return os.path.basename(self._path) if self._kind == "shm" else self._path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        """Bytes of the segment in use now (it grows on demand)."""
+        return int(self._log[S_EXTENT]) if self._region.seg_base else 0
+
+    @property
+    def max_size(self) -> int:
+        """The most bytes the segment may grow to."""
+        return self._region.limit
+
+    @property
+    def base(self) -> int:
+        """The address of offset 0 in this process (0 once closed)."""
+        return self._region.seg_base
+
+    # -------------------------------------------------------------------- lifetime
+
+    def flush(self) -> None:
+        """Write the heap's pages to its file and wait (msync, then fsync): after it returns, a power cut loses
+        nothing made before it."""
+        region = self._region
+        if not region.seg_base:
+            raise self._closed()
+        libc.msync(region.seg_base, region.mapped)
+        files.sync(region.fd)
+
+    def close(self) -> None:
+        """Unmap this process's view of the heap (the heap lives on). BufferError while a view, or an array over
+        one, is alive. Closing twice does nothing."""
+        region = self._region
+        if not region.seg_base:
+            return
+        if region.views_alive():
+            raise BufferError(f"cannot close the shared heap {self.name!r}: a view or array over it is still alive")
+        with _open_lock:
+            key = files.identity(region.fd)
+            if _open.get(key) is self:
+                del _open[key]
+        region.close()
+
+    @property
+    def closed(self) -> bool:
+        return not self._region.seg_base
+
+    def unlink(self) -> None:
+        """Remove the heap's name (or file). Processes that have it open keep working with it."""
+        files.unlink(self._path)
+
+    def __enter__(self) -> SharedHeap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Callable[[str, str], SharedHeap], tuple[str, str]]:
+        return _reopen, (self._kind, self._path)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.size} bytes"
+        return f"<SharedHeap {self.name!r} ({'file' if self._kind == 'file' else 'shared memory'}), {state}>"
+
+    def _closed(self) -> ValueError:
+        return ValueError(f"the shared heap {self.name!r} is closed in this process")
+
+
+def _reopen(kind: str, path: str) -> SharedHeap:
+    """Unpickling: the heap at `path`, attached (or the one this process has open)."""
+    return SharedHeap._adopt(path, kind)
+
+
+def _check_start(start: bytes, file_size: int, path: str) -> int:
+    """The limit from a segment's first bytes, read before mapping it; HeapCorruption when they are not the
+    header of a whole heap of this version."""
+    if len(start) < 64 or file_size < SEG_MIN:
+        raise HeapCorruption(f"{path} is not a shared heap (too short: {file_size} bytes)")
+    word = [int.from_bytes(start[i * 8:i * 8 + 8], "little") for i in range(8)]
+    if word[S_MAGIC] != SEG_MAGIC:
+        raise HeapCorruption(f"{path} is not a shared heap (no magic number; or it is still being made)")
+    if word[S_VERSION] != SEG_VERSION:
+        raise HeapCorruption(f"{path} is a shared heap of version {word[S_VERSION]}, not {SEG_VERSION}")
+    limit = word[S_LIMIT]
+    if not SEG_MIN <= limit <= MAX_REQUEST or limit & (PAGE - 1):
+        raise HeapCorruption(f"{path}: shared heap header has a bad size limit {limit}")
+    return limit
+
+
+DEFAULT_TRIM = 1 << 20  # a free that leaves this much free at the top gives the whole pages back (MADV_REMOVE)
+
+
+class Roots(MutableMapping[str, int]):
+    """`SharedHeap.roots`: names to offsets, kept in the heap's names table."""
+
+    def __init__(self, heap: SharedHeap) -> None:
+        self._heap = heap
+
+    def __getitem__(self, name: str) -> int:
+        h = self._heap
+        off = h._run(h._names.get, name_bytes(name))
+        if off is None:
+            raise KeyError(name)
+        return off
+
+    def __setitem__(self, name: str, off: int) -> None:
+        h = self._heap
+        key = name_bytes(name)
+        o = address_arg(off)
+        h._run(h._names.set, key, o)
+
+    def __delitem__(self, name: str) -> None:
+        h = self._heap
+        key = name_bytes(name)
+        if h._run(h._names.delete, key) is None:
+            raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        h = self._heap
+        return iter([k for k, _ in h._run(lambda: list(h._names.items()))])
+
+    def __len__(self) -> int:
+        h = self._heap
+        return h._run(h._names.__len__)
+
+    def __repr__(self) -> str:
+        h = self._heap
+        return f"Roots({dict(h._run(lambda: list(h._names.items())))!r})"
