@@ -42,8 +42,6 @@ _attr_setpshared = _bind("pthread_mutexattr_setpshared", _vp, ctypes.c_int)
 _attr_setrobust = _bind("pthread_mutexattr_setrobust", _vp, ctypes.c_int)
 _attr_destroy = _bind("pthread_mutexattr_destroy", _vp)
 _init = _bind("pthread_mutex_init", _vp, _vp)
-_trylock = _bind("pthread_mutex_trylock", ctypes.c_size_t)
-_unlock = _bind("pthread_mutex_unlock", ctypes.c_size_t)
 _consistent = _bind("pthread_mutex_consistent", ctypes.c_size_t)
 
 
@@ -51,7 +49,6 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-_timedlock = _bind("pthread_mutex_timedlock", ctypes.c_size_t, ctypes.POINTER(_Timespec))
 
 
 def _check(rc: int, call: str) -> None:
@@ -72,10 +69,10 @@ def init(address: int) -> None:
         _attr_destroy(attr)
 
 
-def deadline(seconds: float) -> _Timespec:
-    """The absolute time `seconds` from now, as `timed_lock_fast` takes it (by reference)."""
+def deadline(seconds: float) -> Any:
+    """The absolute time `seconds` from now, as `timed_lock_fast` takes it."""
     end = time.clock_gettime(time.CLOCK_REALTIME) + seconds
-    return _Timespec(int(end), int((end - int(end)) * 1e9))
+    return ctypes.byref(_Timespec(int(end), int((end - int(end)) * 1e9)))
 
 
 def consistent(address: int) -> None:
@@ -83,11 +80,24 @@ def consistent(address: int) -> None:
     _check(_consistent(address), "pthread_mutex_consistent")
 
 
+def _bind_raw(name: str) -> Any:
+    """`name` without argument conversion: the fast path passes a prebuilt `ctypes.c_void_p` (`handle`),
+    which ctypes passes as is, where a declared argument type costs a conversion per call."""
+    fn = getattr(_libc, name)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def handle(address: int) -> ctypes.c_void_p:
+    """The mutex at `address` as the fast calls take it."""
+    return ctypes.c_void_p(address)
+
+
 # The raw calls, each returning an errno value: the shared heap runs them inside a slice assignment, so that
 # their result is stored before a signal handler can run (see shared/heap.py).
-try_lock_fast = _trylock
+try_lock_fast = _bind_raw("pthread_mutex_trylock")
 """`pthread_mutex_trylock(address)`: 0, OWNER_DEAD, EBUSY, EDEADLK (this thread holds it)."""
-timed_lock_fast = _timedlock
+timed_lock_fast = _bind_raw("pthread_mutex_timedlock")
 """`pthread_mutex_timedlock(address, deadline)`: as `try_lock_fast`, ETIMEDOUT when the deadline passed."""
-unlock_fast = _unlock
+unlock_fast = _bind_raw("pthread_mutex_unlock")
 """`pthread_mutex_unlock(address)`: 0, or EPERM when this thread does not hold it (nothing changes)."""

@@ -18,6 +18,15 @@ segment's undo journal (segment.py). Its shape, in `_run`:
     on an exception        the journal is undone and the lock released (in a `finally`, so a second
                            exception cannot keep the lock; an undo cut short is finished by the next holder)
 
+Like glibc's tcache and the process allocator's fast cache, each process keeps the small blocks it frees
+in a cache of its own (at most CACHE_COUNT per chunk size) and hands them out again without the lock or the
+journal. A cached block stays in use as far as the heap knows; its first two words hold CACHE_MARK and the
+process's slot in the segment's process table, written by the process alone (it owns the block), so that
+the blocks of a process that died are found and freed by the next process that takes the lock to check,
+walk or grow the heap, or to attach. The cache's lists change in runs of stores with no call between, as
+the process allocator's do, so neither another thread nor a signal handler comes between a list and a mark;
+a list entry whose mark is gone (a flush cut short) is skipped.
+
 A process killed at any instant leaves the lock to the kernel (the next owner gets EOWNERDEAD) and the journal
 to the next holder. A thread that calls into a heap it is already inside (from a signal handler or a
 finalizer) gets RuntimeError: the interrupted operation's plans would no longer hold.
@@ -26,23 +35,39 @@ finalizer) gets RuntimeError: the interrupted operation's plans would no longer 
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, SupportsIndex, TypeVar
 
-from ..errors import HeapCorruption, InvalidPointer
-from ..heap import HEAP_HEADER, Chunk, Heap, address_arg, size_arg
+from ..cache import CACHE_COUNT, CACHE_MAX_CHUNK
+from ..errors import DoubleFree, HeapCorruption, InvalidPointer
+from ..heap import H_CLEAN, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, size_arg
 from ..info import MallInfo
-from ..layout import HEADER, MAX_REQUEST, OVERHEAD, SIZE_MASK, page_align_up
-from ..os import files, libc, mutex
+from ..layout import (
+    HEADER,
+    MAX_REQUEST,
+    MIN_CHUNK,
+    OVERHEAD,
+    SIZE_MASK,
+    TAG_BITS,
+    TAG_SHIFT,
+    check_request,
+    page_align_up,
+    request_to_size,
+)
+from ..os import files, libc, mutex, processes
 from ..region import PAGE, region_size
 from . import values
 from .names import Names, name_bytes
 from .segment import (
+    CACHE_MARK,
     DEFAULT_LIMIT,
+    HEAP_WORD,
     J_START,
+    OWNERS,
     S_EXTENT,
     S_JOURNAL,
     S_LIMIT,
@@ -52,8 +77,10 @@ from .segment import (
     SEG_MAGIC,
     SEG_MIN,
     SEG_VERSION,
+    SLOTS,
     SharedRegion,
     format_header,
+    journal_store,
     roll_back,
 )
 
@@ -62,12 +89,25 @@ T = TypeVar("T")
 _try_lock = mutex.try_lock_fast
 _timed_lock = mutex.timed_lock_fast
 _unlock = mutex.unlock_fast
+_CACHED_REQUEST = CACHE_MAX_CHUNK - 8 + 1  # requests whose chunks the cache keeps
+_FIRST_BLOCK = SEG_HEADER + HEAP_HEADER + HEADER  # the offset of the heap's first block
 _WAIT_SLICE = 0.05  # seconds a blocked caller waits between chances for Python to run signal handlers
 
 # The heaps this process has open, by file identity: unpickling a heap that is already open returns it
 # instead of mapping the segment again.
 _open: weakref.WeakValueDictionary[tuple[int, int], SharedHeap] = weakref.WeakValueDictionary()
 _open_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    """In a child: the caches copied from the parent are the parent's; each heap claims a slot of its own."""
+    for heap in list(_open.values()):
+        heap._bins = {}
+        heap._slot = 0
+        heap._wants_slot = True
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class SegmentHeap(Heap):
@@ -80,6 +120,15 @@ class SegmentHeap(Heap):
         W[c + 3] = W[c + 3]
         e = c + ((W[c + 1] & SIZE_MASK) >> 3)
         W[e] = W[e]
+
+    def trim(self, pad: SupportsIndex = 0, reason: str = "malloc_trim", *, inner: bool = False) -> bool:
+        """As the engine's; a free's trim (not `inner`) returns at once when the top holds no page that was
+        not given back already: the file never shrinks, so the top stays above the threshold and every free
+        into it would otherwise walk the trim's checks."""
+        W = self._w
+        if not inner and W[H_CLEAN] << 3 <= (W[H_TOP] << 3) + MIN_CHUNK + operator.index(pad) + PAGE:
+            return False
+        return super().trim(pad, reason, inner=inner)
 
 
 class SharedHeap:
@@ -96,10 +145,13 @@ class SharedHeap:
         self._kind = kind  # "shm" or "file"
         self._path = path
         self._log = region.log
-        self._lock_arg = (region.lock_address(),)
-        self._extent = region.log[S_EXTENT]
+        self._lock_arg = (mutex.handle(region.lock_address()),)
+        self._extent = 0  # the first operation follows the header's extent
         self._sink: list[int] = []
         self._names = Names(region, heap)
+        self._slot = 0  # this process's slot in the process table; 0: no cache
+        self._bins: dict[int, list[int]] = {}  # chunk size -> offsets of cached blocks, newest last
+        self._wants_slot = True  # a slot is claimed at the next slow operation (after a fork: the child's own)
         self.roots: MutableMapping[str, int] = Roots(self)
         """Names (str) to offsets, stored in the heap: a process that attaches finds data by name."""
 
@@ -159,6 +211,7 @@ class SharedHeap:
             region.log[S_JOURNAL] = J_START  # the format's stores need no undo
             region.log[S_MAGIC] = SEG_MAGIC  # last: a heap only once whole
             files.publish(tmp, path)
+            region.rename(files.open_existing(path), f"shared heap {path} made: mapped by its name")
         except BaseException:
             if region is not None:
                 region.close()
@@ -197,6 +250,7 @@ class SharedHeap:
     def _adopt_heap(self, heap: SegmentHeap) -> None:
         """Under the lock, the journal repaired: adopt the engine's header (HeapCorruption if it is damaged)."""
         Heap.__init__(heap, self._region, attach=True, top_pad=0, trim_threshold=DEFAULT_TRIM)
+        self._reclaim()
 
     @classmethod
     def _register(cls, shared: SharedHeap) -> SharedHeap:
@@ -238,7 +292,7 @@ class SharedHeap:
             rc = got[0]
         if rc == mutex.OWNER_DEAD:
             got[0] = 0
-            mutex.consistent(self._lock_arg[0])  # the journal, not the lock, carries the repair
+            mutex.consistent(self._region.lock_address())  # the journal, not the lock, carries the repair
         elif rc == errno.EDEADLK:
             raise RuntimeError("this thread is already inside this shared heap (a call from a signal handler or "
                                "a finalizer during an operation): the interrupted operation cannot be left")
@@ -275,14 +329,41 @@ class SharedHeap:
             raise InvalidPointer(f"offset {o:#x} is not a block of this shared heap")
         return region.seg_base + o
 
-    def _off(self, p: int) -> int:
-        return p - self._region.seg_base if p else 0
-
     def malloc(self, n: SupportsIndex) -> int:
         """The offset of a new block of at least `n` bytes; MemoryError when the heap cannot grow enough."""
+        if type(n) is int and 0 <= n < _CACHED_REQUEST:
+            entries = self._bins.get((n + 23) & ~15 if n > 24 else 32)
+            if entries:
+                # Taken in one run of stores (see the module docstring).
+                p = entries[-1]
+                del entries[-1]
+                seg = self._region.seg
+                w = p >> 3
+                if seg[w] == CACHE_MARK and seg[w + 1] == self._slot:
+                    seg[w] = 0
+                    return p
         if not self._region.seg_base:
             raise self._closed()
-        return self._run(self._heap.malloc, n) - self._region.seg_base
+        if self._wants_slot:
+            self._claim()
+        return self._run(self._malloc, n) - self._region.seg_base
+
+    def _malloc(self, n: SupportsIndex) -> int:
+        """Under the lock: the engine's malloc, but before the segment grows, this process's cache and the
+        caches of dead processes go back to the heap."""
+        heap = self._heap
+        k = size_arg(n)
+        check_request(k)
+        nb = request_to_size(k)
+        c = heap.allocate(nb)
+        if not c:
+            self._flush()
+            self._reclaim()
+            c = heap.allocate(nb)
+            if not c:
+                heap.extend(nb, f"shared heap top too small for a {k}-byte request")
+                c = heap.allocate(nb)
+        return heap.base + (c << 3) + HEADER
 
     def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """The offset of a new zeroed block for `count` elements of `size` bytes."""
@@ -296,17 +377,63 @@ class SharedHeap:
         o = address_arg(off)
         if not o:
             return self.malloc(n)
-        return self._off(self._run(self._heap.realloc, self._addr(o), n))
+        return self._run(self._realloc, self._addr(o), n)
+
+    def _realloc(self, p: int, n: SupportsIndex) -> int:
+        """Under the lock: the engine's realloc, as an offset (the conversion is part of the operation: no call
+        may come between an operation's commit and its return)."""
+        self._refuse_cached(p, "realloc")
+        q = self._heap.realloc(p, n)
+        return q - self._region.seg_base if q else 0
 
     def free(self, off: SupportsIndex) -> None:
         """Free the block at `off` (0 does nothing); InvalidPointer or DoubleFree if it is not live."""
+        if type(off) is int and self._slot and not off & 15 and _FIRST_BLOCK <= off < self._region.mapped - 16:
+            seg = self._region.seg
+            w = off >> 3
+            h = seg[w - 1]
+            size = h & SIZE_MASK
+            # A live block's header carries its in-use tag (heap.py); reading it needs no lock, as nobody but
+            # its owner changes an in-use chunk's size or tag.
+            if MIN_CHUNK <= size <= CACHE_MAX_CHUNK and h >> TAG_SHIFT == (w - 2 - HEAP_WORD | 1) & TAG_BITS \
+                    and seg[w] != CACHE_MARK:
+                bins = self._bins
+                entries = bins.get(size)
+                if entries is None:
+                    bins[size] = entries = []
+                if len(entries) < CACHE_COUNT and off not in entries:
+                    # Cached in one run of stores: the slot, the mark, the list.
+                    seg[w + 1] = self._slot
+                    seg[w] = CACHE_MARK
+                    entries += (off,)
+                    return
         o = address_arg(off)
         if o:
-            self._run(self._heap.free, self._addr(o))
+            p = self._addr(o)
+            if self._wants_slot:
+                self._claim()
+            self._run(self._free, p)
+
+    def _free(self, p: int) -> None:
+        """Under the lock: free the block at `p`, refusing one that sits in a cache (freed already)."""
+        self._refuse_cached(p, "free")
+        self._heap.free(p)
+
+    def _refuse_cached(self, p: int, what: str) -> None:
+        """DoubleFree when the live block at `p` is in a process's cache."""
+        w = (p - self._region.seg_base) >> 3
+        seg = self._region.seg
+        if w + 1 < len(seg) and seg[w] == CACHE_MARK and self._heap.find_chunk(p) and 0 < seg[w + 1] <= SLOTS:
+            whose = "this process's" if seg[w + 1] == self._slot else "another process's"
+            raise DoubleFree(f"double {what}: the block at offset {w << 3:#x} is free (in {whose} cache)")
 
     def usable_size(self, off: SupportsIndex) -> int:
         """Bytes usable in the live block at `off`."""
-        return self._run(self._heap.usable_size, self._addr(off))
+        return self._run(self._usable_size, self._addr(off))
+
+    def _usable_size(self, p: int) -> int:
+        self._refuse_cached(p, "use")
+        return self._heap.usable_size(p)
 
     def view(self, off: SupportsIndex, n: SupportsIndex | None = None) -> memoryview:
         """A writable memoryview of the block at `off`: all its usable bytes, or the first `n`. It stays valid
@@ -318,8 +445,9 @@ class SharedHeap:
             size = heap.block_size(p)
         except IndexError:  # the heap grew in another process: the locked path maps it
             size = 0
-        if not size or p + size > region.seg_base + region.mapped:
-            size = self._run(heap.usable_size, p) + OVERHEAD
+        if not size or p + size > region.seg_base + region.mapped or region.seg[(p - region.seg_base) >> 3] \
+                == CACHE_MARK:
+            size = self._run(self._usable_size, p) + OVERHEAD
         usable = size - OVERHEAD
         k = usable if n is None else size_arg(n)
         if k > usable:
@@ -438,6 +566,7 @@ class SharedHeap:
         self._run(self._check)
 
     def _check(self) -> None:
+        self._reclaim()
         self._heap.check()
         for _ in self._names.items():
             pass
@@ -449,13 +578,16 @@ class SharedHeap:
         return self._run(self._mallinfo)
 
     def _mallinfo(self) -> MallInfo:
+        self._reclaim()
         heap = self._heap
         count, free_bytes = heap.free_stats()
         top = heap.top_size
         held = SEG_HEADER + heap.held
-        return MallInfo(arena=heap.held, ordblks=count + 1, smblks=0, hblks=0, hblkhd=0, usmblks=held,
-                        fsmblks=0, uordblks=heap.in_use, fordblks=free_bytes + top, keepcost=top,
-                        system_current=held, system_max=SEG_HEADER + heap.held_max)
+        cached = sum(len(entries) for entries in self._bins.values())
+        cached_bytes = sum(len(entries) * size for size, entries in self._bins.items())
+        return MallInfo(arena=heap.held, ordblks=count + 1, smblks=cached, hblks=0, hblkhd=0, usmblks=held,
+                        fsmblks=cached_bytes, uordblks=heap.in_use - cached_bytes, fordblks=free_bytes + top,
+                        keepcost=top, system_current=held, system_max=SEG_HEADER + heap.held_max)
 
     def walk(self) -> list[Chunk]:
         """Every chunk in address order, its `address` an offset in the heap (as handles are)."""
@@ -464,8 +596,79 @@ class SharedHeap:
         return self._run(self._walk)
 
     def _walk(self) -> list[Chunk]:
+        self._reclaim()
         b = self._region.seg_base
-        return [Chunk(c.address - b, c.size, c.state, c.bin) for c in self._heap.walk()]
+        seg = self._region.seg
+        return [Chunk(c.address - b, c.size, "cached" if c.state == "in use" and seg[(c.address - b + HEADER) >> 3]
+                      == CACHE_MARK else c.state, c.bin) for c in self._heap.walk()]
+
+    # ------------------------------------------------------------------- the caches
+
+    def _claim(self) -> None:
+        """Take a slot in the process table for this process's cache (none free: no cache). Forgets the lists
+        (after a fork they are the parent's)."""
+        self._wants_slot = False
+        self._bins = {}
+        self._slot = 0
+        self._slot = self._run(self._claim_slot, processes.this_process())
+
+    def _claim_slot(self, me: tuple[int, int]) -> int:
+        log = self._log
+        for attempt in range(2):
+            for k in range(1, SLOTS + 1):
+                i = OWNERS + 2 * (k - 1)
+                if not log[i]:
+                    journal_store(log, i, me[0])
+                    journal_store(log, i + 1, me[1])
+                    return k
+            if not attempt:
+                self._reclaim()
+        return 0
+
+    def _flush(self) -> None:
+        """Under the lock: give this process's cached blocks back to the heap, one commit each. A block leaves
+        its list after its commit: an entry left behind by an exception has lost its mark and is skipped."""
+        heap = self._heap
+        base = self._region.seg_base
+        slot = self._slot
+        for entries in list(self._bins.values()):
+            while entries:
+                p = entries[-1]
+                seg = self._region.seg
+                w = p >> 3
+                if seg[w] == CACHE_MARK and seg[w + 1] == slot:
+                    c = heap.chunk_of(base + p)
+                    heap._w[w - HEAP_WORD] = 0
+                    heap.release(c)
+                    self._log[S_JOURNAL] = J_START
+                del entries[-1]
+
+    def _reclaim(self) -> None:
+        """Under the lock: free the blocks cached by processes that died, then their slots; one commit a block,
+        so that a repair cut short is taken up by the next."""
+        log = self._log
+        dead = set()
+        for k in range(1, SLOTS + 1):
+            i = OWNERS + 2 * (k - 1)
+            if log[i] and k != self._slot and not processes.alive(log[i], log[i + 1]):
+                dead.add(k)
+        if not dead:
+            return
+        heap = self._heap
+        seg = self._region.seg
+        base = self._region.seg_base
+        orphans = [c.address + HEADER for c in heap.walk() if c.state == "in use"
+                   and seg[(c.address - base + HEADER) >> 3] == CACHE_MARK
+                   and seg[((c.address - base + HEADER) >> 3) + 1] in dead]
+        for p in orphans:
+            c = heap.chunk_of(p)
+            heap._w[c + 2] = 0
+            heap.release(c)
+            log[S_JOURNAL] = J_START
+        for k in dead:
+            i = OWNERS + 2 * (k - 1)
+            journal_store(log, i, 0)
+            journal_store(log, i + 1, 0)
 
     @property
     def name(self) -> str:
@@ -510,11 +713,21 @@ class SharedHeap:
             return
         if region.views_alive():
             raise BufferError(f"cannot close the shared heap {self.name!r}: a view or array over it is still alive")
+        if self._slot:
+            self._run(self._leave)
         with _open_lock:
             key = files.identity(region.fd)
             if _open.get(key) is self:
                 del _open[key]
         region.close()
+
+    def _leave(self) -> None:
+        """Under the lock: the cache back to the heap, and this process's slot freed."""
+        self._flush()
+        i = OWNERS + 2 * (self._slot - 1)
+        journal_store(self._log, i, 0)
+        journal_store(self._log, i + 1, 0)
+        self._slot = 0
 
     @property
     def closed(self) -> bool:

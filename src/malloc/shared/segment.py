@@ -4,7 +4,8 @@ Layout (64-bit words at offset 0 of the file; the engine's heap starts at SEG_HE
 
     0 magic   1 version   2 extent (bytes of the file in use)   3 limit (bytes the segment may grow to)
     4 roots (offset of the names table, 0 for none)   5 journal length (the next free journal word)
-    8-12 the lock (a robust pthread mutex, os/mutex.py)   16.. the journal: (word index, old value) pairs
+    8-12 the lock (a robust pthread mutex, os/mutex.py)   16-1535 the journal: (word index, old value) pairs
+    1536-1791 the process table: (process id, start time) of each process that holds a cache slot
 
 Every process reserves `limit` bytes of address space (PROT_NONE) and maps the file over the start of it, so
 growth maps the new part in place: the base never moves, and addresses and views stay valid.
@@ -38,8 +39,12 @@ S_MAGIC, S_VERSION, S_EXTENT, S_LIMIT, S_ROOTS, S_JOURNAL = range(6)
 S_MUTEX = 8
 J_START = 16
 SEG_HEADER = 16384  # the heap starts on a page of its own
-J_END = SEG_HEADER // 8
+OWNERS = 1536  # the process table: (process id, start time) per cache slot, slot k at OWNERS + 2 * (k - 1)
+SLOTS = 128
+J_END = OWNERS
 HEAP_WORD = SEG_HEADER // 8  # the segment word index of the heap's word 0
+# A block in a process's cache (see heap.py) holds these in its first two words: the mark, then the slot.
+CACHE_MARK = int.from_bytes(b"pyMcache", "little")
 MUTEX_OFFSET = S_MUTEX * 8
 SEG_MIN = SEG_HEADER + PAGE  # the smallest segment: the header and one page of heap
 # Address space reserved when the caller names no limit: reservations cost no memory, and 128 heaps of this
@@ -99,7 +104,7 @@ def roll_back(seg: memoryview) -> None:
     limit = len(seg)
     for k in range(J_START, n, 2):
         i = seg[k]
-        if not (HEAP_WORD <= i < limit or i in (S_EXTENT, S_ROOTS)):
+        if not (HEAP_WORD <= i < limit or i in (S_EXTENT, S_ROOTS) or OWNERS <= i < OWNERS + 2 * SLOTS):
             raise HeapCorruption(f"shared heap journal: entry {(k - J_START) >> 1} names word {i}, outside the heap")
     while n > J_START:
         n -= 2
@@ -160,6 +165,13 @@ class SharedRegion(Region):
         self.mapped = nbytes
         self.seg = libc.memory_view(self.seg_base, nbytes).cast(WORD_FORMAT)
         self.exporters.append(libc.memory_exporter(self.seg_base, nbytes))
+
+    def rename(self, fd: int, reason: str) -> None:
+        """Map the same file again, opened by its final name as `fd`, over the present mapping (same pages, same
+        addresses), so that /proc/PID/maps names it; the old descriptor is closed."""
+        libc.mmap_file(self.seg_base, self.mapped, fd, 0, reason)
+        files.close(self.fd)
+        self.fd = fd
 
     def follow(self) -> None:
         """Take the extent in the header as this process's heap size, mapping what another process added.
