@@ -134,9 +134,10 @@ class Heap:
     """
 
     def __init__(self, region: Region, *, attach: bool = False, top_pad: int = DEFAULT_TOP_PAD,
-                 trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> None:
+                 trim_threshold: int = DEFAULT_TRIM_THRESHOLD, undoable: bool = False) -> None:
         self.region = region
         self.base = region.base
+        self.undoable = undoable  # the region journals every store for an undo (see `claimed`)
         self.top_pad = size_arg(top_pad, "top_pad")
         self.trim_threshold = size_arg(trim_threshold, "trim_threshold")
         self._w = region.words
@@ -726,8 +727,15 @@ class Heap:
 
     def claimed(self, c: int) -> None:
         """Called with a chunk just allocated that the same operation is about to fill (calloc's zeroes, a moving
-        realloc's copy) before that operation ends. A plain heap has nothing to do; a heap whose operations can
-        be undone after they wrote (a shared heap's journal) keeps what the fill overwrites."""
+        realloc's copy) before it ends. In an `undoable` heap (a shared heap's, whose region journals each
+        store's old value so that an operation can be undone after it wrote), the words an undo needs that
+        the fill overwrites, a free chunk's links and boundary tag, are stored again as they are: journaled."""
+        if self.undoable:
+            W = self._w
+            W[c + 2] = W[c + 2]
+            W[c + 3] = W[c + 3]
+            e = c + ((W[c + 1] & SIZE_MASK) >> 3)
+            W[e] = W[e]
 
     def zero_fresh(self, c: int, clean: int) -> None:
         """Zero the block of the chunk at `c`, except what lies at or above word `clean` (still zero)."""
@@ -754,8 +762,12 @@ class Heap:
         end <<= 3
         keep = (t << 3) + MIN_CHUNK + pad
         extra = ((end - keep) // page) * page if end > keep else 0
+        shrinks = extra > 0 and region.can_shrink(extra)
+        lo = ((region.base + keep + page - 1) & ~(page - 1)) - region.base
+        if not shrinks and not inner and W[H_CLEAN] << 3 <= lo:
+            return False  # nothing to give back: the top's pages above the pad went already
         edge = "the break" if region.kind == "brk" else "the heap's end"
-        if extra > 0 and region.can_shrink(extra):
+        if shrinks:
             # The header first, then the region: an exception between the two leaves the region holding
             # memory past the heap's end, which the next `extend` takes back into the top.
             why = (f"{reason}: the free top's last {size_approx(extra)}, {region.base + end - extra:#x}-"
@@ -768,7 +780,6 @@ class Heap:
             released = region.shrink(region.size - (new_end << 3), why)
             self._w = W = region.words
         else:
-            lo = ((region.base + keep + page - 1) & ~(page - 1)) - region.base
             if W[H_CLEAN] << 3 > lo and end > keep and region.release(
                     keep, end - keep, f"{reason}: whole pages of the free top, {region.base + keep:#x}-"
                                       f"{region.base + end:#x}: {edge} cannot come down (other memory lies "

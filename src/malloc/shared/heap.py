@@ -35,16 +35,14 @@ finalizer) gets RuntimeError: the interrupted operation's plans would no longer 
 from __future__ import annotations
 
 import errno
-import operator
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, SupportsIndex, TypeVar
+from typing import Any, SupportsIndex, TypeVar, cast
 
 from ..cache import CACHE_COUNT, CACHE_MAX_CHUNK
 from ..errors import DoubleFree, HeapCorruption, InvalidPointer
-from ..heap import H_CLEAN, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, size_arg
+from ..heap import HEAP_HEADER, Chunk, Heap, address_arg, size_arg
 from ..info import MallInfo
 from ..layout import (
     HEADER,
@@ -93,9 +91,10 @@ _CACHED_REQUEST = CACHE_MAX_CHUNK - 8 + 1  # requests whose chunks the cache kee
 _FIRST_BLOCK = SEG_HEADER + HEAP_HEADER + HEADER  # the offset of the heap's first block
 _WAIT_SLICE = 0.05  # seconds a blocked caller waits between chances for Python to run signal handlers
 
-# The heaps this process has open, by file identity: unpickling a heap that is already open returns it
-# instead of mapping the segment again.
-_open: weakref.WeakValueDictionary[tuple[int, int], SharedHeap] = weakref.WeakValueDictionary()
+# The heaps this process has open, by file identity, until closed: attaching or unpickling a heap that is
+# already open returns it instead of mapping the segment again (a pool's tasks unpickle the same heap
+# again and again, and each mapping reserves the heap's whole limit of address space).
+_open: dict[tuple[int, int], SharedHeap] = {}
 _open_lock = threading.Lock()
 
 
@@ -110,27 +109,6 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-class SegmentHeap(Heap):
-    """The engine over a shared segment: a block that an operation fills before it ends keeps, in the journal,
-    the words the fill overwrites that an undo needs (a free chunk's links and boundary tag)."""
-
-    def claimed(self, c: int) -> None:
-        W = self._w
-        W[c + 2] = W[c + 2]
-        W[c + 3] = W[c + 3]
-        e = c + ((W[c + 1] & SIZE_MASK) >> 3)
-        W[e] = W[e]
-
-    def trim(self, pad: SupportsIndex = 0, reason: str = "malloc_trim", *, inner: bool = False) -> bool:
-        """As the engine's; a free's trim (not `inner`) returns at once when the top holds no page that was
-        not given back already: the file never shrinks, so the top stays above the threshold and every free
-        into it would otherwise walk the trim's checks."""
-        W = self._w
-        if not inner and W[H_CLEAN] << 3 <= (W[H_TOP] << 3) + MIN_CHUNK + operator.index(pad) + PAGE:
-            return False
-        return super().trim(pad, reason, inner=inner)
-
-
 class SharedHeap:
     """A heap in POSIX shared memory (`create`, `attach`) or in a regular file (`open`), for many processes.
 
@@ -139,16 +117,16 @@ class SharedHeap:
     process heap does, and a call that raises changes nothing. A heap pickles as its name or path.
     """
 
-    def __init__(self, region: SharedRegion, heap: SegmentHeap, kind: str, path: str) -> None:
+    def __init__(self, region: SharedRegion, heap: Heap | None, kind: str, path: str) -> None:
         self._region = region
-        self._heap = heap
+        self._heap = cast(Heap, heap)  # None only while `_adopt` checks the heap under the lock
         self._kind = kind  # "shm" or "file"
         self._path = path
         self._log = region.log
         self._lock_arg = (mutex.handle(region.lock_address()),)
         self._extent = 0  # the first operation follows the header's extent
         self._sink: list[int] = []
-        self._names = Names(region, heap)
+        self._names = Names(region, self._heap)
         self._slot = 0  # this process's slot in the process table; 0: no cache
         self._bins: dict[int, list[int]] = {}  # chunk size -> offsets of cached blocks, newest last
         self._wants_slot = True  # a slot is claimed at the next slow operation (after a fork: the child's own)
@@ -207,7 +185,7 @@ class SharedHeap:
             format_header(region.seg, extent, limit)
             region.make_lock()
             region.follow()
-            heap = SegmentHeap(region, top_pad=0, trim_threshold=max(DEFAULT_TRIM, 0))
+            heap = Heap(region, top_pad=0, trim_threshold=DEFAULT_TRIM, undoable=True)
             region.log[S_JOURNAL] = J_START  # the format's stores need no undo
             region.log[S_MAGIC] = SEG_MAGIC  # last: a heap only once whole
             files.publish(tmp, path)
@@ -239,17 +217,18 @@ class SharedHeap:
         region = SharedRegion(fd, limit, f"shared heap {path} attached")
         try:
             region.map_file(f"shared heap {path} attached")
-            heap = SegmentHeap.__new__(SegmentHeap)
-            shared = cls(region, heap, kind, path)
-            shared._run(shared._adopt_heap, heap)
+            shared = cls(region, None, kind, path)
+            shared._run(shared._adopt_heap)
         except BaseException:
             region.close()
             raise
         return cls._register(shared)
 
-    def _adopt_heap(self, heap: SegmentHeap) -> None:
+    def _adopt_heap(self) -> None:
         """Under the lock, the journal repaired: adopt the engine's header (HeapCorruption if it is damaged)."""
-        Heap.__init__(heap, self._region, attach=True, top_pad=0, trim_threshold=DEFAULT_TRIM)
+        heap = Heap(self._region, attach=True, top_pad=0, trim_threshold=DEFAULT_TRIM, undoable=True)
+        self._heap = heap
+        self._names = Names(self._region, heap)
         self._reclaim()
 
     @classmethod
@@ -278,7 +257,7 @@ class SharedHeap:
         except BaseException:
             if not got[0]:
                 try:
-                    self._undo()
+                    self._sync()  # undoes this operation's stores
                 finally:
                     _unlock(self._lock_arg[0])
             raise
@@ -301,20 +280,15 @@ class SharedHeap:
                                  self._region.seg_base)
 
     def _sync(self) -> None:
-        """Under the lock: undo an operation left in the journal, then follow the extent."""
+        """Under the lock: undo an operation left in the journal (another's that died, or this one's after an
+        exception), then follow the extent."""
         region = self._region
         if self._log[S_JOURNAL] != J_START:
             region.map_file("shared heap: map all of the file to undo an interrupted operation")
             roll_back(region.seg)
         region.follow()
-        self._heap._w = region.words
-        self._extent = self._log[S_EXTENT]
-
-    def _undo(self) -> None:
-        """Under the lock, after an exception: undo this operation's stores."""
-        roll_back(self._region.seg)
-        self._region.follow()
-        self._heap._w = self._region.words
+        if self._heap is not None:
+            self._heap._w = region.words
         self._extent = self._log[S_EXTENT]
 
     # ------------------------------------------------------------------------ blocks
