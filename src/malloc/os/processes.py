@@ -9,32 +9,35 @@ from __future__ import annotations
 import os
 
 
-def start_time(pid: int) -> int:
-    """The start time of process `pid`, or 0 when there is no such process."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None when there is no such
+    process. Any other failure to read (too many open files, say) raises OSError."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except OSError:
-        return 0
+    except (FileNotFoundError, ProcessLookupError):
+        return None
     # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
-    fields = stat[stat.rfind(b")") + 2:].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return 0
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def start_time(pid: int) -> int:
+    """The start time of process `pid`, or 0 when there is no such process."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else 0
 
 
 def alive(pid: int, started: int) -> bool:
-    """Whether the process `pid` that started at `started` still runs (a zombie counts as dead)."""
+    """Whether the process `pid` that started at `started` still runs (a zombie counts as dead). When /proc
+    cannot be read for another reason it answers True: taking a live process for dead would free memory it
+    holds, taking a dead one for alive only keeps its memory a while longer."""
     if pid <= 0:
         return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        fields = _stat_fields(pid)
     except OSError:
-        return False
-    rest = stat[stat.rfind(b")") + 2:].split()
-    return len(rest) > 19 and rest[0] != b"Z" and rest[19] == str(started).encode()
+        return True
+    return fields is not None and len(fields) > 19 and fields[0] != b"Z" and fields[19] == str(started).encode()
 
 
 def this_process() -> tuple[int, int]:
