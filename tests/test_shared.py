@@ -338,3 +338,17 @@ def test_random_operations_keep_every_invariant_and_every_byte(heap: SharedHeap,
 
 def test_module_exports_shared_heap() -> None:
     assert malloc.SharedHeap is SharedHeap and "SharedHeap" in dir(malloc)
+
+
+def test_a_lock_that_names_a_thread_that_does_not_exist_is_reported_not_waited_on(heap: SharedHeap) -> None:
+    import ctypes
+
+    futex = ctypes.c_uint32.from_address(heap._region.lock_address())
+    futex.value = 4_000_000  # above the kernel's pid_max: no thread has this id
+    try:
+        with pytest.raises(HeapCorruption, match="no such thread"):
+            heap.malloc(5000)  # the slow path takes the lock (about 5 s of waiting first)
+    finally:
+        futex.value = 0
+    heap.free(heap.malloc(5000))
+    heap.check()

@@ -75,6 +75,15 @@ def deadline(seconds: float) -> Any:
     return ctypes.byref(_Timespec(int(end), int((end - int(end)) * 1e9)))
 
 
+_FUTEX_TID_MASK = 0x3FFFFFFF
+
+
+def owner(address: int) -> int:
+    """The thread id the mutex's futex word names as its holder, 0 when free. A robust mutex keeps its
+    holder's id in its first four bytes (the futex word), which is what the kernel reads when a thread dies."""
+    return ctypes.c_uint32.from_address(address).value & _FUTEX_TID_MASK
+
+
 def consistent(address: int) -> None:
     """Mark a mutex taken with OWNER_DEAD as repaired, so that it stays usable after this owner unlocks it."""
     _check(_consistent(address), "pthread_mutex_consistent")

@@ -44,3 +44,16 @@ def this_process() -> tuple[int, int]:
     """(id, start time) of this process."""
     pid = os.getpid()
     return pid, start_time(pid)
+
+
+def thread_exists(tid: int) -> bool:
+    """Whether a thread (of any process) has the id `tid`: /proc lists every thread by its id, though `ls`
+    shows only processes. Unreadable for another reason: True."""
+    try:
+        os.stat(f"/proc/{tid}")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    return True
+

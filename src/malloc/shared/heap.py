@@ -90,6 +90,9 @@ _unlock = mutex.unlock_fast
 _CACHED_REQUEST = CACHE_MAX_CHUNK - 8 + 1  # requests whose chunks the cache keeps
 _FIRST_BLOCK = SEG_HEADER + HEAP_HEADER + HEADER  # the offset of the heap's first block
 _WAIT_SLICE = 0.05  # seconds a blocked caller waits between chances for Python to run signal handlers
+# Slices after which a waiter checks that the lock's holder exists: a dead holder is the kernel's to report
+# (EOWNERDEAD), but a lock word crafted or damaged to name a thread that never held it would be waited on forever.
+_PATIENCE = 100
 
 # The heaps this process has open, by file identity, until closed: attaching or unpickling a heap that is
 # already open returns it instead of mapping the segment again (a pool's tasks unpickle the same heap
@@ -265,10 +268,18 @@ class SharedHeap:
     def _acquire(self, got: list[int]) -> None:
         """Wait for the lock after a failed first try (`got[0]` the errno); `got[0]` becomes 0 once it is held."""
         rc = got[0]
+        slices = 0
         while rc == errno.EBUSY or rc == errno.ETIMEDOUT:
             until = mutex.deadline(_WAIT_SLICE)
             got[:] = map(_timed_lock, self._lock_arg, (until,))
             rc = got[0]
+            slices += 1
+            if not slices % _PATIENCE and rc == errno.ETIMEDOUT:
+                owner = mutex.owner(self._region.lock_address())
+                if owner and not processes.thread_exists(owner):
+                    raise HeapCorruption(f"shared heap {self._path}: its lock names thread {owner} as its holder, "
+                                         "and there is no such thread (a damaged or crafted lock)",
+                                         self._region.seg_base)
         if rc == mutex.OWNER_DEAD:
             got[0] = 0
             mutex.consistent(self._region.lock_address())  # the journal, not the lock, carries the repair
