@@ -344,7 +344,7 @@ def test_a_lock_that_names_a_thread_that_does_not_exist_is_reported_not_waited_o
     import ctypes
 
     futex = ctypes.c_uint32.from_address(heap._region.lock_address())
-    futex.value = 4_000_000  # above the kernel's pid_max: no thread has this id
+    futex.value = 0x3FFF_FFFF  # above the largest pid_max (2**22): no thread has this id
     try:
         with pytest.raises(HeapCorruption, match="no such thread"):
             heap.malloc(5000)  # the slow path takes the lock (about 5 s of waiting first)
