@@ -339,16 +339,12 @@ class SharedHeap:
         heap = self._heap
         k = size_arg(n)
         check_request(k)
-        nb = request_to_size(k)
-        c = heap.allocate(nb)
-        if not c:
-            self._flush()
-            self._reclaim()
-            c = heap.allocate(nb)
-            if not c:
-                heap.extend(nb, f"shared heap top too small for a {k}-byte request")
-                c = heap.allocate(nb)
-        return heap.base + (c << 3) + HEADER
+        c = heap.allocate(request_to_size(k))
+        if c:
+            return heap.base + (c << 3) + HEADER
+        self._flush()
+        self._reclaim()
+        return heap.malloc(k)  # from what the caches gave back, or the segment grows
 
     def calloc(self, count: SupportsIndex, size: SupportsIndex) -> int:
         """The offset of a new zeroed block for `count` elements of `size` bytes."""
