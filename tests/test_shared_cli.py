@@ -5,11 +5,13 @@ file, drawn, checked or mapped by another process, and removed at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -350,11 +352,21 @@ def test_a_deleted_file_whose_directory_is_gone_is_passed_over() -> None:
 
 
 def test_the_pool_example_runs_and_cleans_up(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(EXAMPLE), "--workers", "2", "--rows", "600", "--cols", "40"],
-                          capture_output=True, text=True, timeout=120, env=child_env(), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    name = re.match(r"shared heap '([^']+)'", proc.stdout)
-    assert name, proc.stdout
-    assert "results match numpy's" in proc.stdout
-    assert re.search(r"\d+ tasks ran in [12] worker processes", proc.stdout)
-    assert not os.path.exists(f"/dev/shm/{name.group(1)}")
+    # Its own session, so that a failure cannot leave the pool's workers behind: the group goes at the end.
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), "--workers", "2", "--rows", "600", "--cols", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path,
+                            start_new_session=True)
+    segment = Path("/dev/shm", f"shared-pool-{proc.pid}")  # the name the example gives its heap
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        leftover = segment.exists()
+        segment.unlink(missing_ok=True)
+    assert proc.returncode == 0, out + err
+    assert out.startswith(f"shared heap {segment.name!r}: 600 x 40 float64 input, 2 workers\n"), out
+    assert "results match numpy's" in out
+    assert re.search(r"\d+ tasks ran in [12] worker processes", out)
+    assert not leftover
