@@ -23,7 +23,7 @@ import pytest
 from procfs import TESTS_DIR, child_env
 
 from malloc import HeapCorruption, SharedHeap
-from malloc.inspect import maps, shared_heap
+from malloc.inspect import heapmap, maps, shared_heap
 
 np = pytest.importorskip("numpy")
 
@@ -95,6 +95,36 @@ def damage(h: SharedHeap, offset: int, value: int) -> None:
         os.pwrite(fd, value.to_bytes(8, "little"), offset)
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- names, in this process
+
+
+def test_names_are_described_by_what_their_blocks_hold(shm_heap: SharedHeap) -> None:
+    roots = shm_heap.roots
+    shm_heap.ndarray("fields", (3, 4), [("x", "<i4"), ("y", ">f8")])
+    plain = next(c for c in shm_heap.walk() if c.address + 16 == roots["plain"])
+    described = {n.name: (n.block, n.what) for n in shared_heap.describe_names(shm_heap, shm_heap.walk())}
+    assert described == {
+        "fields": (roots["fields"], "array [('x', '<i4'), ('y', '>f8')] (3, 4), 144 B"),
+        "greeting": (roots["greeting"], "bytes, 5 B"),
+        "matrix": (roots["matrix"], "array float64 (20, 30), 4.7 KiB"),
+        "plain": (roots["plain"], f"a block of {plain.size - 8} usable bytes"),
+        ODD_NAME: (roots[ODD_NAME], "not the start of a block in use"),
+    }
+    # A value whose header was damaged is named as such, and describing it left no view behind.
+    damage(shm_heap, roots["matrix"] + 8 * 4, 1000)  # its number of dimensions
+    described = {n.name: n.what for n in shared_heap.describe_names(shm_heap, shm_heap.walk())}
+    assert described["matrix"].startswith("a value whose header is damaged")
+    shm_heap.delete("fields")
+
+
+def test_the_names_list_shows_each_name_as_a_literal() -> None:
+    names = [heapmap.Name(ODD_NAME, 0x4490, "bytes, 5 B"), heapmap.Name("b", 0x5000, "a block of 8 usable bytes")]
+    text = heapmap.render_names(names)
+    assert text.splitlines()[0] == "Names (2), each leading to a block:"
+    assert "\x1b" not in text and repr(ODD_NAME) in text
+    assert heapmap.render_names([]) == "No names."
 
 
 # ----------------------------------------------------------------------------- malloc heap: the strip
