@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from procfs import TESTS_DIR, child_env
+from test_heapmap import chunk_elements, dump_dom
 
 from malloc import HeapCorruption, SharedHeap
 from malloc.inspect import heapmap, maps, shared_heap
@@ -223,6 +224,26 @@ def test_the_page_of_a_shared_heap_has_every_chunk_and_marks_the_named_ones(shm_
     assert set(rows) == set(roots)  # the odd name arrives whole, as text (escaped in the page)
     assert rows["matrix"] == [f"{roots['matrix']:#x}", "array float64 (20, 30), 4.7 KiB"]
     assert "<b>" not in target.read_text(encoding="utf-8").split("<h2>names")[1].split("</table>")[0]
+
+
+# Run after the page's own script: hover the chunk named "matrix", note what the tooltip shows.
+HOVER_NAMED = """<script>
+var target = document.querySelector('.chunk[data-names="matrix"]');
+target.dispatchEvent(new MouseEvent("mouseover", {bubbles: true, clientX: 40, clientY: 40}));
+document.body.setAttribute("data-tip", document.getElementById("tip").textContent);
+</script>
+</body>"""
+
+
+def test_the_page_in_a_headless_browser_shows_a_named_chunks_names(shm_heap: SharedHeap) -> None:
+    chunks = shm_heap.walk()
+    page = heapmap.render_html([heapmap.Segment("shared heap", tuple(chunks))], title="shared heap",
+                               names=shared_heap.describe_names(shm_heap, chunks))
+    dom = chunk_elements(dump_dom(page.replace("</body>", HOVER_NAMED)))
+    assert "data-script-errors" not in dom.roots["html"]
+    body = dom.roots["body"]
+    assert body["data-chunks-drawn"] == str(len(chunks))
+    assert body["data-tip"].startswith("in use") and "named 'matrix'" in body["data-tip"]
 
 
 # ----------------------------------------------------------------------------- malloc heap --check
