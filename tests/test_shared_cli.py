@@ -399,6 +399,21 @@ def test_a_deleted_file_whose_directory_is_gone_is_passed_over() -> None:
     assert shared_heap.find([mapping], os.getpid()) == []
 
 
+def test_a_fifo_where_a_mapped_file_was_is_passed_over_without_blocking(tmp_path: Path) -> None:
+    # A FIFO opened for reading would wait for a writer: in a child, so that a hang fails the test.
+    script = ("import os, sys\n"
+              "from malloc.inspect import maps, shared_heap\n"
+              "path = sys.argv[1]\n"
+              "os.mkfifo(path)\n"
+              "st = os.stat(path)\n"
+              "dev = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}'\n"
+              "mapping = maps.Mapping(0x10000, 0x20000, 'rw-s', 0, dev, st.st_ino, path)\n"
+              "print(shared_heap.find([mapping], os.getpid()))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "fifo")], capture_output=True, text=True,
+                          timeout=60, env=child_env())
+    assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stderr
+
+
 # ----------------------------------------------------------------------------- the example
 
 

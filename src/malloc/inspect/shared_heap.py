@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -145,29 +146,34 @@ def _continues(n: Mapping, first: Mapping, end: int) -> bool:
 def _read_header(m: Mapping, pid: int | str) -> tuple[str, int, int] | None:
     """(the file's path or "", extent, limit) when the file mapped at `m` starts with a shared heap's header."""
     for path in _candidates(m):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            if st.st_ino != m.inode or _dev_text(st.st_dev) != m.dev:
-                continue
-            start = os.pread(fd, 8 * _HEADER_WORDS, 0)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        header = _header(start)
-        return None if header is None else (path, *header)
+        start = _read_start(path, m, follow=False)
+        if start is not None:
+            header = _header(start)
+            return None if header is None else (path, *header)
     proc = "/proc/self" if pid == "self" else f"/proc/{int(pid)}"
+    start = _read_start(f"{proc}/map_files/{m.start:x}-{m.end:x}", m, follow=True)
+    header = None if start is None else _header(start)
+    return None if header is None else ("", *header)
+
+
+def _read_start(path: str, m: Mapping, *, follow: bool) -> bytes | None:
+    """The first bytes of the file at `path` when it is the regular file mapped at `m`, else None. Nothing
+    else is opened (opening a device can act on it), and a FIFO put there meanwhile cannot block."""
+    def same(st: os.stat_result) -> bool:
+        return stat.S_ISREG(st.st_mode) and st.st_ino == m.inode and _dev_text(st.st_dev) == m.dev
+
     try:
-        with open(f"{proc}/map_files/{m.start:x}-{m.end:x}", "rb") as f:
-            start = f.read(8 * _HEADER_WORDS)
+        if not same(os.stat(path, follow_symlinks=follow)):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     except OSError:
         return None
-    header = _header(start)
-    return None if header is None else ("", *header)
+    try:
+        return os.pread(fd, 8 * _HEADER_WORDS, 0) if same(os.fstat(fd)) else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _candidates(m: Mapping) -> Iterable[str]:
