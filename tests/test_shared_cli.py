@@ -351,6 +351,19 @@ def test_maps_follows_growth(shm_heap: SharedHeap) -> None:
         shm_heap.free(big)
 
 
+def test_an_unlinked_heap_is_marked_when_the_kernel_lets_its_mapping_be_read(shm_heap: SharedHeap) -> None:
+    shm_heap.unlink()  # attached processes keep it; only /proc/PID/map_files still leads to the file
+    area = maps.address_map("self").area_of(shm_heap.base)
+    assert area is not None and area.mapping.deleted
+    try:
+        with open(f"/proc/self/map_files/{area.start:x}-{area.end:x}", "rb"):
+            pass
+    except PermissionError:
+        assert not area.owned  # nothing left to read the header from
+        pytest.skip("the kernel opens /proc/PID/map_files only for a privileged reader")
+    assert [o.label for o in area.owned] == ["malloc shared heap, unlinked: 1.0 MiB in use, may grow to 256 GiB"]
+
+
 def test_a_shared_mapping_that_is_no_heap_is_not_marked() -> None:
     path = Path("/dev/shm", unique("cli-plain-shm"))
     path.write_bytes(b"pyMshare" + b"\0" * 65528)  # the magic number alone does not make a heap header

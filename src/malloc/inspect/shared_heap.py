@@ -96,9 +96,9 @@ class Found:
 
     @property
     def name(self) -> str:
-        """How the heap is opened: its shared-memory name, its file's path, or "(unlinked)"."""
+        """How the heap is opened: its shared-memory name, its file's path, or "unlinked"."""
         if not self.path:
-            return "(unlinked)"
+            return "unlinked"
         if self.path.startswith(SHM_DIR):
             return f"shared memory {self.path[len(SHM_DIR):]!r}"
         return f"file {self.path}"
