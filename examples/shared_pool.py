@@ -8,7 +8,7 @@ checks them against numpy working on its own, and removes the heap at the end.
 
     python examples/shared_pool.py [--workers N] [--rows N] [--cols N]
 
-While it runs, `malloc heap --shared NAME` (NAME is printed first) draws the heap from another terminal.
+From any other process, `malloc heap --shared NAME` draws such a heap and its names (NAME is printed first).
 """
 
 from __future__ import annotations
