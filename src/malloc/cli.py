@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("record", "record a program's allocations with glibc's mtrace (-o FILE.mtrace -- COMMAND ...)"),
     "convert": ("convert", "convert a trace between the .rep and mtrace formats"),
     "maps": ("maps", "a process's address space drawn top-down (or --json), and ASLR across fresh runs (--aslr N)"),
-    "heap": ("heap", "this process's heap chunk by chunk: a colour strip, an HTML page (--html) or XML (--xml)"),
+    "heap": ("heap", "a heap chunk by chunk, this process's or a shared one (--shared NAME, --file PATH): a colour "
+                     "strip, an HTML page (--html), XML (--xml), or a check (--check)"),
 }
 BROKEN_PIPE_STATUS = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 

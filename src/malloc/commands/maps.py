@@ -22,7 +22,8 @@ def _pid(text: str) -> int | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pid", nargs="?", type=_pid, help="the process to map: a process id, or 'self' (the "
-                                                         "default: this one, with the allocator's own ranges marked)")
+                                                         "default: this one, with the allocator's own ranges marked; "
+                                                         "shared heaps are marked in any process)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the drawing")
     parser.add_argument("--no-color", action="store_true", help="no ANSI colours (also off when not a terminal "
                                                                 "or when NO_COLOR is set)")

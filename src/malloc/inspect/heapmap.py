@@ -7,6 +7,9 @@ chunks stay visible, and a segment wraps onto as many rows as it needs, left to 
     segs = segments(malloc.walk(), malloc.allocator.heaps)    # or segments(heap.walk(), [heap])
     print(render_terminal(segs, color=False))
     Path("heap.html").write_text(render_html(segs, title="my heap"))
+
+A heap that keeps names for its blocks (a shared heap's `roots`) passes them as `Name`s: `render_names` lists
+them for the terminal, and `render_html(..., names=...)` adds a table and marks each named chunk.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ STYLES: dict[str, Style] = {
     "foreign": Style("X", (96, 133), "#b07aa1", "the C library's own memory inside the heap's range"),
     "mapped": Style("M", (178, 220), "#edc948", "a large block in a mapping of its own"),
 }
+
+
+@dataclass(frozen=True)
+class Name:
+    """A name a heap keeps for a block (a shared heap's `roots`), the block's address, and what it holds."""
+
+    name: str
+    block: int  # as the heap's handles are: an offset, for a shared heap
+    what: str
 
 
 @dataclass(frozen=True)
@@ -129,15 +141,26 @@ def bin_text(index: int) -> str:
     return f"bin {index} ({low} to {high} bytes)"
 
 
-def details(c: Chunk) -> str:
-    """A chunk described for a person, one fact a line."""
+def details(c: Chunk, names: Sequence[str] = ()) -> str:
+    """A chunk described for a person, one fact a line; `names` are the names its block goes by."""
     head = c.state + (f", {bin_text(c.bin)}" if c.state == "free" and c.bin >= 0 else "")
     lines = [head, f"chunk {c.address:#x}, {c.size} bytes ({size_approx(c.size)})"]
     if c.state in ("in use", "cached", "mapped"):
         lines.append(f"block {c.address + HEADER:#x}")
     if c.request >= 0:
         lines.append(f"asked for {c.request} bytes")
+    lines.extend(f"named {name!r}" for name in names)
     return "\n".join(lines)
+
+
+def render_names(names: Sequence[Name]) -> str:
+    """The names, one a line with the block it leads to and what that holds. Names are shown as Python
+    literals, so that no character a name holds can act on the terminal."""
+    if not names:
+        return "No names."
+    width = min(40, max(len(repr(n.name)) for n in names))
+    rows = [f"  {n.name!r:<{width}}  {n.block:#x}  {n.what}" for n in names]
+    return f"Names ({len(names)}), each leading to a block:\n" + "\n".join(rows)
 
 
 def _widths(sizes: Sequence[int], target: int, minimum: int) -> list[int]:
@@ -325,12 +348,18 @@ _SCRIPT = """
 """
 
 
-def render_html(segs: Sequence[Segment], title: str = "Heap map", note: str = "") -> str:
+def render_html(segs: Sequence[Segment], title: str = "Heap map", note: str = "",
+                names: Sequence[Name] = ()) -> str:
     """One self-contained HTML page (inline CSS, SVG and script; nothing fetched, no server): a table of the
     states present with their totals and colours, then a drawing per segment with one `<path class="chunk">`
     per chunk. Each carries data-address, data-size, data-state, data-bin and data-request, and a <title>;
-    hovering shows the chunk's details. `note` is a line shown under the title."""
+    hovering shows the chunk's details. `note` is a line shown under the title. With `names`, a table of them
+    follows the drawings, and a named chunk also carries data-names (its names, comma-separated) and shows them
+    in its details."""
     present = totals(segs)
+    by_chunk: dict[int, list[str]] = {}
+    for n in names:
+        by_chunk.setdefault(n.block - HEADER, []).append(n.name)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -346,7 +375,9 @@ def render_html(segs: Sequence[Segment], title: str = "Heap map", note: str = ""
         parts.append(f'<p class="note">{html.escape(note)}</p>')
     parts.append(_summary(present))
     for seg in segs:
-        parts.append(_segment_html(seg))
+        parts.append(_segment_html(seg, by_chunk))
+    if names:
+        parts.append(_names_html(names))
     parts.append("<footer>A chunk's width is proportional to its size, except that small chunks are drawn "
                  f"wider (at least {MIN_WIDTH} units, more when a segment has few chunks) so they stay visible; "
                  "each segment's rows read left to right, and the address left of a row is (about) where it "
@@ -371,11 +402,20 @@ def _summary(present: dict[str, tuple[int, int]]) -> str:
     return "\n".join(rows)
 
 
+def _names_html(names: Sequence[Name]) -> str:
+    rows = [f"<h2>names<span class=\"facts\">{len(names)}</span></h2>",
+            "<table><tr><th>name</th><th>block</th><th>what it holds</th></tr>"]
+    rows.extend(f'<tr class="name"><td class="mono">{html.escape(n.name)}</td><td class="num">{n.block:#x}</td>'
+                f"<td>{html.escape(n.what)}</td></tr>" for n in names)
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
 def _number(hundredths: int) -> str:
     return f"{hundredths / SCALE:.2f}".rstrip("0").rstrip(".")
 
 
-def _segment_html(seg: Segment) -> str:
+def _segment_html(seg: Segment, names: dict[int, list[str]]) -> str:
     n = len(seg.chunks)
     rows = max(1, math.ceil(n * MIN_WIDTH * 3 / ROW_WIDTH))  # room for proportion beside the minimum widths
     # Few chunks can afford wider minimums: up to MAX_MIN_WIDTH, at most a third of the room.
@@ -397,10 +437,12 @@ def _segment_html(seg: Segment) -> str:
             d.append(f"M{_number(x)} {row * pitch}h{_number(stop - start)}v{ROW_HEIGHT}h-{_number(stop - start)}z")
             start = stop
         position = end
+        named = names.get(c.address, ())
+        marked = f' data-names="{html.escape(", ".join(named))}"' if named else ""
         paths.append(
             f'<path class="chunk" d="{"".join(d)}" fill="{STYLES[c.state].colour}" data-address="{c.address:#x}" '
-            f'data-size="{c.size}" data-state="{c.state}" data-bin="{c.bin}" data-request="{c.request}">'
-            f"<title>{html.escape(details(c))}</title></path>")
+            f'data-size="{c.size}" data-state="{c.state}" data-bin="{c.bin}" data-request="{c.request}"{marked}>'
+            f"<title>{html.escape(details(c, named))}</title></path>")
     n_rows = rows
     labels = [f'<text x="0" y="{row * pitch + ROW_HEIGHT // 2 + 4}">{address:#x}</text>'
               for row, address in sorted(row_starts.items())]

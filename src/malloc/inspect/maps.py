@@ -7,7 +7,8 @@
     maps.address_map(1234)                      # another process (yours, or any as root)
 
 Every line of the maps file is a `Mapping`. `classify` gives each one a kind (see KINDS), `address_map` adds the
-program break (from /proc/PID/stat) and, optionally, the ranges this allocator owns (`owned_ranges`).
+program break (from /proc/PID/stat), the shared heaps the process maps (in any process: `shared_heap.find`) and,
+optionally, the ranges this allocator owns (`owned_ranges`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from ..os import libc
 from ..process import ProcessAllocator
 from ..units import size_approx
+from . import shared_heap
 
 # The kinds of region, roughly from the bottom of the address space to the top.
 KINDS = ("text", "rodata", "data", "bss", "heap", "anonymous", "library", "file", "shm", "stack", "vvar", "vdso",
@@ -394,6 +396,13 @@ def owned_ranges(allocator: ProcessAllocator | None = None) -> list[Owned]:
     return sorted(out, key=lambda o: o.start)
 
 
+def shared_heap_ranges(mappings: Sequence[Mapping], pid: int | str = "self") -> list[Owned]:
+    """The ranges of the shared heaps among `mappings` (process `pid`'s): each one's mapping of its file, and
+    the address space reserved beyond it for growth."""
+    return [Owned(start, end, label) for found in shared_heap.find(mappings, pid)
+            for start, end, label in found.ranges()]
+
+
 def _attach(areas: Iterable[Area], owned: Sequence[Owned]) -> list[Area]:
     out: list[Area] = []
     for area in areas:
@@ -404,11 +413,13 @@ def _attach(areas: Iterable[Area], owned: Sequence[Owned]) -> list[Area]:
 
 def address_map(pid: int | str = "self", owned: Sequence[Owned] = ()) -> AddressMap:
     """The classified map of process `pid` (default: this one) with its program break, marking the
-    `owned` ranges (for this process, pass `owned_ranges()`). Errors as `read_maps`."""
+    `owned` ranges (for this process, pass `owned_ranges()`) and every shared heap's mapping and reservation
+    (`shared_heap_ranges`). Errors as `read_maps`."""
     number = os.getpid() if pid == "self" else int(pid)
     mappings = read_maps(pid)
     start_brk = read_start_brk(pid)
     exe = read_exe(pid)
+    owned = sorted([*owned, *shared_heap_ranges(mappings, pid)], key=lambda o: o.start)
     areas = _attach(classify(mappings, exe), owned)
     brk: int | None
     if number == os.getpid():
