@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("command", [["ruff", "check", "src", "tests", "bench"], ["mypy"]])
+@pytest.mark.parametrize("command", [["ruff", "check", "src", "tests", "bench", "examples"], ["mypy"]])
 def test_clean(command: list[str]) -> None:
     tool = shutil.which(command[0], path=str(Path(sys.executable).parent)) or shutil.which(command[0])
     assert tool, f"{command[0]} is not installed (pip install '.[test]')"

@@ -325,11 +325,11 @@ def heap_ranges(amap: maps.AddressMap) -> list[tuple[int, int, str]]:
 
 
 def test_maps_marks_the_creators_mapping_and_reservation(shm_heap: SharedHeap, file_heap: SharedHeap) -> None:
-    # The creator maps its heap under the temporary name it made it under (gone since: "(deleted)"); the
-    # heap is still found, by the file's inode, under its published name.
+    # The creator made its heap under a temporary name and mapped it again by its published name once whole.
     amap = maps.address_map("self")
     mine = amap.area_of(shm_heap.base)
-    assert mine is not None and mine.mapping.deleted and mine.mapping.perms == "rw-s"
+    assert mine is not None and not mine.mapping.deleted and mine.mapping.perms == "rw-s"
+    assert mine.mapping.pathname == f"/dev/shm/{shm_heap.name}"
     found = heap_ranges(amap)
     shm_ranges = [r for r in found if shm_heap.base <= r[0] < shm_heap.base + shm_heap.max_size]
     assert [(s - shm_heap.base, e - shm_heap.base) for s, e, _ in shm_ranges] == \
