@@ -249,9 +249,11 @@ def shm_bytes(h: SharedHeap) -> int:
     return os.stat(h.path).st_blocks * 512
 
 
-def map_count() -> int:
+def map_count(h: SharedHeap | None = None) -> int:
+    """Mappings in this process (/proc/self/maps), or only those inside the heap's reservation."""
     with open("/proc/self/maps") as f:
-        return sum(1 for _ in f)
+        starts = [int(line.split("-", 1)[0], 16) for line in f]
+    return len(starts) if h is None else sum(h.base <= a < h.base + h.max_size for a in starts)
 
 
 def section_many() -> list[str]:
@@ -271,7 +273,7 @@ def section_many() -> list[str]:
             bad = sum(bytes(view(o, 8)) != i.to_bytes(8, "little") for i, o in enumerate(offs))
             t3 = time.perf_counter()
         size, held_shm, info = h.size, shm_bytes(h), h.mallinfo()
-        maps_live = map_count()
+        maps_live, maps_heap = map_count(), map_count(h)
         t4 = time.perf_counter()
         h.check()
         t5 = time.perf_counter()
@@ -292,7 +294,8 @@ def section_many() -> list[str]:
             ["bytes in use by chunks (mallinfo uordblks)", f"{info.uordblks:,} ({info.uordblks / MANY:.0f} a block)"],
             ["utilization (asked / segment size)", f"{asked / size:.3f}"],
             ["utilization (asked / held in /dev/shm)", f"{asked / held_shm:.3f}"],
-            ["mappings in /proc/self/maps", f"{maps_before} before, {maps_live} with all blocks live"],
+            ["mappings in /proc/self/maps", f"{maps_before} before, {maps_live} with all blocks live, "
+                                            f"{maps_heap} of them the heap's"],
             ["blocks whose tag read back wrong", f"{bad}"],
             ["malloc", f"{us(t1 - t0, MANY)} µs a block"],
             ["view + 8-byte write", f"{us(t2 - t1, MANY)} µs a block"],
