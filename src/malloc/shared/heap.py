@@ -195,7 +195,9 @@ class SharedHeap:
         return cls._register(shared)
 
     def _adopt_heap(self, heap: SegmentHeap) -> None:
-        """Under the lock, the journal repaired: adopt the engine's header (HeapCorruption if it is damaged)."""
+        """Under the lock: repair the journal and map the extent (this process has mapped only the header), then
+        adopt the engine's header (HeapCorruption if it is damaged)."""
+        self._sync()
         Heap.__init__(heap, self._region, attach=True, top_pad=0, trim_threshold=DEFAULT_TRIM)
 
     @classmethod
