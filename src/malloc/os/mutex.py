@@ -91,3 +91,5 @@ timed_lock_fast = _timedlock
 """`pthread_mutex_timedlock(address, deadline)`: as `try_lock_fast`, ETIMEDOUT when the deadline passed."""
 unlock_fast = _unlock
 """`pthread_mutex_unlock(address)`: 0, or EPERM when this thread does not hold it (nothing changes)."""
+consistent_fast = _consistent
+"""`pthread_mutex_consistent(address)`: 0 once a mutex taken with OWNER_DEAD is marked repaired."""

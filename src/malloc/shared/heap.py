@@ -62,6 +62,7 @@ T = TypeVar("T")
 _try_lock = mutex.try_lock_fast
 _timed_lock = mutex.timed_lock_fast
 _unlock = mutex.unlock_fast
+_consistent = mutex.consistent_fast
 _WAIT_SLICE = 0.05  # seconds a blocked caller waits between chances for Python to run signal handlers
 
 # The heaps this process has open, by file identity: unpickling a heap that is already open returns it
@@ -224,6 +225,8 @@ class SharedHeap:
             self._sink[:] = release
             return result
         except BaseException:
+            if got[0] == mutex.OWNER_DEAD:  # held, taken from a dead owner: unlocked unrepaired, it would be lost
+                got[:] = map(_consistent, self._lock_arg)
             if not got[0]:
                 try:
                     self._undo()
@@ -239,8 +242,9 @@ class SharedHeap:
             got[:] = map(_timed_lock, self._lock_arg, (until,))
             rc = got[0]
         if rc == mutex.OWNER_DEAD:
-            got[0] = 0
-            mutex.consistent(self._lock_arg[0])  # the journal, not the lock, carries the repair
+            # The journal, not the lock, carries the repair. The call and the store of its result (0) are one
+            # step for a signal handler: `got` never says "not held" of a lock still waiting to be marked.
+            got[:] = map(_consistent, self._lock_arg)
         elif rc == errno.EDEADLK:
             raise RuntimeError("this thread is already inside this shared heap (a call from a signal handler or "
                                "a finalizer during an operation): the interrupted operation cannot be left")
@@ -259,11 +263,9 @@ class SharedHeap:
         self._extent = self._log[S_EXTENT]
 
     def _undo(self) -> None:
-        """Under the lock, after an exception: undo this operation's stores."""
-        roll_back(self._region.seg)
-        self._region.follow()
-        self._heap._w = self._region.words
-        self._extent = self._log[S_EXTENT]
+        """Under the lock, after an exception: undo this operation's stores (or a dead holder's, when the
+        exception came before `_sync`: all of the file is mapped first, as there)."""
+        self._sync()
 
     # ------------------------------------------------------------------------ blocks
 
