@@ -26,6 +26,8 @@ finalizer) gets RuntimeError: the interrupted operation's plans would no longer 
 from __future__ import annotations
 
 import errno
+import itertools
+import operator
 import os
 import threading
 import weakref
@@ -33,15 +35,16 @@ from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, SupportsIndex, TypeVar
 
 from ..errors import HeapCorruption, InvalidPointer
-from ..heap import HEAP_HEADER, Chunk, Heap, address_arg, size_arg
+from ..heap import H_CLEAN, H_END, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, size_arg
 from ..info import MallInfo
-from ..layout import HEADER, MAX_REQUEST, OVERHEAD, SIZE_MASK, page_align_up
+from ..layout import HEADER, MAX_REQUEST, MIN_CHUNK, OVERHEAD, SIZE_MASK, page_align_up
 from ..os import files, libc, mutex
 from ..region import PAGE, region_size
 from . import values
 from .names import Names, name_bytes
 from .segment import (
     DEFAULT_LIMIT,
+    HEAP_WORD,
     J_START,
     S_EXTENT,
     S_JOURNAL,
@@ -63,6 +66,7 @@ _try_lock = mutex.try_lock_fast
 _timed_lock = mutex.timed_lock_fast
 _unlock = mutex.unlock_fast
 _consistent = mutex.consistent_fast
+_store: Any = operator.setitem  # a store that is a C call, not a Python frame
 _WAIT_SLICE = 0.05  # seconds a blocked caller waits between chances for Python to run signal handlers
 
 # The heaps this process has open, by file identity: unpickling a heap that is already open returns it
@@ -99,7 +103,7 @@ class SharedHeap:
         self._log = region.log
         self._lock_arg = (region.lock_address(),)
         self._extent = region.log[S_EXTENT]
-        self._sink: list[int] = []
+        self._sink: list[object] = []
         self._names = Names(region, heap)
         self.roots: MutableMapping[str, int] = Roots(self)
         """Names (str) to offsets, stored in the heap: a process that attaches finds data by name."""
@@ -220,7 +224,9 @@ class SharedHeap:
             if log[S_JOURNAL] != J_START or log[S_EXTENT] != self._extent:
                 self._sync()
             result = fn(*args)
-            release = map(_unlock, self._lock_arg)
+            release: Iterator[object] = map(_unlock, self._lock_arg)
+            if self._region.trimmed:
+                release = self._give_back(release)
             log[S_JOURNAL] = J_START  # the commit
             self._sink[:] = release
             return result
@@ -233,6 +239,23 @@ class SharedHeap:
                 finally:
                     _unlock(self._lock_arg[0])
             raise
+
+    def _give_back(self, unlock: Iterator[object]) -> Iterator[object]:
+        """Before the commit of an operation whose trim found whole free pages at the top: `unlock`, preceded by
+        the C calls that give those pages back (MADV_REMOVE) and then lower the clean mark if they went, all to
+        run after the commit in one step, with no point where a signal handler can run. The range is the top as
+        the operation leaves it: a block the same operation took after its trim stays out of it."""
+        region = self._region
+        region.trimmed = False
+        W = self._heap._w
+        t, end, clean = W[H_TOP], W[H_END], W[H_CLEAN]
+        lo = page_align_up((t << 3) + MIN_CHUNK, PAGE)
+        hi = end << 3 & ~(PAGE - 1)
+        if hi <= lo or clean << 3 <= lo:
+            return unlock
+        pick = (lo >> 3, clean).__getitem__  # madvise's 0 (the pages now read as zero) lowers the mark; -1 keeps it
+        marks = map(pick, map(libc.madvise_fast, (region.base + lo,), (hi - lo,), (libc.MADV_REMOVE,)))
+        return itertools.chain(map(_store, (region.seg,), (HEAP_WORD + H_CLEAN,), marks), unlock)
 
     def _acquire(self, got: list[int]) -> None:
         """Wait for the lock after a failed first try (`got[0]` the errno); `got[0]` becomes 0 once it is held."""

@@ -130,6 +130,7 @@ class SharedRegion(Region):
         self.seg_base = libc.mmap_anonymous(limit, reason + ": address space reserved for growth",
                                             prot=libc.PROT_NONE, flags=libc.MAP_NORESERVE)
         self.mapped = 0
+        self.trimmed = False  # an operation's trim found whole free pages at the top (see `release`)
         self.exporters: list[Exporter] = []
         try:
             self.map_to(SEG_HEADER, reason)
@@ -207,11 +208,11 @@ class SharedRegion(Region):
         return False
 
     def release(self, offset: int, nbytes: int, reason: str) -> bool:
-        lo = page_align_up(self.base + offset, PAGE)
-        hi = (self.base + offset + nbytes) & ~(PAGE - 1)
-        if hi <= lo:
-            return False
-        return libc.madvise_remove(lo, hi - lo, reason)
+        # Not now: the operation may still be undone (its process killed, an exception), and an undone free
+        # needs its bytes and the old top's header back. The heap gives the top's pages back after the
+        # commit (SharedHeap._give_back); here the trim only asks for it.
+        self.trimmed = True
+        return False
 
     def views_alive(self) -> bool:
         """Whether a view made from this mapping (or a slice, cast or numpy array of one) is alive."""
