@@ -19,8 +19,12 @@ segment's undo journal (segment.py). Its shape, in `_run`:
                            exception cannot keep the lock; an undo cut short is finished by the next holder)
 
 A process killed at any instant leaves the lock to the kernel (the next owner gets EOWNERDEAD) and the journal
-to the next holder. A thread that calls into a heap it is already inside (from a signal handler or a
-finalizer) gets RuntimeError: the interrupted operation's plans would no longer hold.
+to the next holder. The kernel cannot hand on a lock that the file itself shows held when no process holds it
+(a copy or a power cut took the file during an operation, or it was crafted): whoever opens a heap that no
+other process has open (files.lock_alone) makes its lock anew, and the journal still carries the repair.
+
+A thread that calls into a heap it is already inside (from a signal handler or a finalizer) gets RuntimeError:
+the interrupted operation's plans would no longer hold.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class SharedHeap:
         fd, tmp = files.make_temporary(path, mode)
         region = None
         try:
+            files.lock_user(fd)
             files.allocate(fd, extent)
             region = SharedRegion(fd, limit, f"shared heap {path} made")
             region.map_to(extent, f"shared heap {path} made")
@@ -185,12 +190,16 @@ class SharedHeap:
                 files.close(fd)
                 return known
             limit = _check_start(files.read_start(fd, SEG_HEADER), files.file_size(fd), path)
+            alone = files.lock_alone(fd)
         except BaseException:
             files.close(fd)
             raise
         region = SharedRegion(fd, limit, f"shared heap {path} attached")
         try:
             region.map_file(f"shared heap {path} attached")
+            if alone:  # no process uses the heap: a lock the file shows held is no one's
+                region.make_lock()
+            files.lock_user(fd)
             heap = SegmentHeap.__new__(SegmentHeap)
             shared = cls(region, heap, kind, path)
             shared._run(shared._adopt_heap, heap)
