@@ -383,6 +383,72 @@ class SharedHeap:
             raise InvalidPointer(f"{a:#x} is not inside this shared heap's mapping")
         return a - region.seg_base
 
+    # ------------------------------------------------------- blocks whose handles live in the heap
+
+    def malloc_at(self, table: SupportsIndex, index: SupportsIndex, n: SupportsIndex) -> int:
+        """`malloc(n)`, storing the new block's offset in word `index` (8 bytes each) of the live block at offset
+        `table` in the same operation, as PMDK's pmemobj_alloc stores into a persistent pointer: a process killed
+        or interrupted at any instant leaves either no new block and the word as it was, or the block with its
+        offset in the word, never a block that nothing names. The offset; what the word held is overwritten."""
+        o, i = self._table_arg(table, index)
+        return self._run(self._malloc_at, o, i, n)
+
+    def realloc_at(self, table: SupportsIndex, index: SupportsIndex, n: SupportsIndex) -> int:
+        """`realloc` of the block whose offset word `index` of the block at `table` holds (0: a new block, as
+        `realloc(0, n)`), storing its new offset (0 when `n` is 0 freed it) in the word in the same operation."""
+        o, i = self._table_arg(table, index)
+        return self._run(self._realloc_at, o, i, n)
+
+    def free_at(self, table: SupportsIndex, index: SupportsIndex) -> None:
+        """Free the block whose offset word `index` of the block at `table` holds (0: nothing) and store 0 in the
+        word, in the same operation."""
+        o, i = self._table_arg(table, index)
+        self._run(self._free_at, o, i)
+
+    def _table_arg(self, table: SupportsIndex, index: SupportsIndex) -> tuple[int, int]:
+        self._addr(table)
+        return address_arg(table), size_arg(index, "index")
+
+    def _slot(self, table: int, index: int) -> int:
+        """Under the lock: the heap word of word `index` of the live block at offset `table` (InvalidPointer,
+        DoubleFree or HeapCorruption when it is none; IndexError past its end)."""
+        heap = self._heap
+        c = heap.chunk_of(self._region.seg_base + table)
+        usable = heap.chunk_size(c) - OVERHEAD
+        if (index + 1) * 8 > usable:
+            raise IndexError(f"word {index} lies past the end of the {usable}-byte block at offset {table:#x}")
+        return c + 2 + index
+
+    def _malloc_at(self, table: int, index: int, n: SupportsIndex) -> int:
+        w = self._slot(table, index)
+        heap = self._heap
+        o = heap.malloc(n) - self._region.seg_base
+        heap._w[w] = o  # after the malloc, which may have grown the heap (new words)
+        return o
+
+    def _realloc_at(self, table: int, index: int, n: SupportsIndex) -> int:
+        w = self._slot(table, index)
+        heap = self._heap
+        old = self._held_at(table, index, w)
+        q = heap.realloc(self._addr(old), n) if old else heap.malloc(n)
+        o = q - self._region.seg_base if q else 0
+        heap._w[w] = o
+        return o
+
+    def _free_at(self, table: int, index: int) -> None:
+        w = self._slot(table, index)
+        heap = self._heap
+        old = self._held_at(table, index, w)
+        if old:
+            heap.free(self._addr(old))
+            heap._w[w] = 0
+
+    def _held_at(self, table: int, index: int, w: int) -> int:
+        old: int = self._heap._w[w]
+        if old == table:
+            raise ValueError(f"word {index} of the block at offset {table:#x} holds that block's own offset")
+        return old
+
     # ------------------------------------------------------------------ named values
 
     def put(self, name: str, value: object) -> int:
