@@ -311,9 +311,6 @@ class SharedHeap:
             raise InvalidPointer(f"offset {o:#x} is not a block of this shared heap")
         return region.seg_base + o
 
-    def _off(self, p: int) -> int:
-        return p - self._region.seg_base if p else 0
-
     def malloc(self, n: SupportsIndex) -> int:
         """The offset of a new block of at least `n` bytes; MemoryError when the heap cannot grow enough."""
         if not self._region.seg_base:
@@ -332,7 +329,8 @@ class SharedHeap:
         o = address_arg(off)
         if not o:
             return self.malloc(n)
-        return self._off(self._run(self._heap.realloc, self._addr(o), n))
+        q = self._run(self._heap.realloc, self._addr(o), n)
+        return q - self._region.seg_base if q else 0  # no call after the commit: a handler could raise there
 
     def free(self, off: SupportsIndex) -> None:
         """Free the block at `off` (0 does nothing); InvalidPointer or DoubleFree if it is not live."""
