@@ -146,9 +146,6 @@ class SharedRegion(Region):
     def kind(self) -> str:
         return "shared"
 
-    def _rebuild(self) -> None:
-        self.words = journaled_words(self.base, self.size >> 3, self.log, HEAP_WORD)  # type: ignore[assignment]
-
     def map_to(self, nbytes: int, reason: str) -> None:
         """Map the file's first `nbytes` bytes (page-rounded), if this process maps less."""
         nbytes = page_align_up(nbytes, PAGE)
@@ -157,10 +154,13 @@ class SharedRegion(Region):
         if nbytes > self.limit:
             raise HeapCorruption(f"shared heap: {nbytes} bytes asked of a segment limited to {self.limit}",
                                  self.seg_base)
+        # `mapped` last, after the calls: a signal handler's exception at any of them leaves it behind the new
+        # views (the next call maps the same pages again), never ahead of them with views that stop short.
         libc.mmap_file(self.seg_base + self.mapped, nbytes - self.mapped, self.fd, self.mapped, reason)
-        self.mapped = nbytes
-        self.seg = libc.memory_view(self.seg_base, nbytes).cast(WORD_FORMAT)
+        seg = libc.memory_view(self.seg_base, nbytes).cast(WORD_FORMAT)
         self.exporters.append(libc.memory_exporter(self.seg_base, nbytes))
+        self.seg = seg
+        self.mapped = nbytes
 
     def follow(self) -> None:
         """Take the extent in the header as this process's heap size, mapping what another process added.
@@ -173,9 +173,10 @@ class SharedRegion(Region):
                 raise HeapCorruption(f"shared heap header: extent {extent} lies past the end of its file",
                                      self.seg_base)
             self.map_to(extent, "shared heap grown by another process: map the new part")
-        if extent - SEG_HEADER != self.size:
+        if extent - SEG_HEADER != self.size:  # the words first, then the size they describe (as in map_to)
+            self.words = journaled_words(self.base, (extent - SEG_HEADER) >> 3, self.log,  # type: ignore[assignment]
+                                         HEAP_WORD)
             self.size = extent - SEG_HEADER
-            self._rebuild()
 
     def map_file(self, reason: str) -> None:
         """Map all of the file this segment's limit allows (a repair may touch words past the extent)."""
