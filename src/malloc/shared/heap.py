@@ -95,8 +95,10 @@ class SharedHeap:
     """A heap in POSIX shared memory (`create`, `attach`) or in a regular file (`open`), for many processes.
 
     Blocks are named by offsets (ints): `malloc`, `calloc`, `realloc`, `free`, `usable_size`, `view`, `address`,
-    `offset`. Named values: `roots` (names to offsets), `put`, `get`, `ndarray`, `delete`. Misuse raises as the
-    process heap does, and a call that raises changes nothing. A heap pickles as its name or path.
+    `offset`; `malloc_at`, `realloc_at` and `free_at` keep a block's offset in a word of another block, changed in
+    the same operation as the block (so that a process killed at any instant leaves no block unnamed). Named
+    values: `roots` (names to offsets), `put`, `get`, `ndarray`, `delete`. Misuse raises as the process heap does,
+    and a call that raises changes nothing. A heap pickles as its name or path.
     """
 
     def __init__(self, region: SharedRegion, heap: SegmentHeap, kind: str, path: str) -> None:
