@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from test_shared_processes import LONG, run
+from shared_run import LONG, run
 
 
 @pytest.fixture

@@ -10,43 +10,15 @@ and its segments and files are removed, even when the test fails. `MALLOC_SHARED
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-import malloc
-
-HERE = Path(__file__).resolve().parent
-SRC = Path(malloc.__file__).resolve().parent.parent
-LONG = bool(os.environ.get("MALLOC_SHARED_LONG"))
-
-
-def run(script: str, *args: str, timeout: float = 120) -> dict[str, Any]:
-    """Run tests/`script` with `args` in a new session; the JSON line it prints last. A non-zero exit or a run past
-    `timeout` fails the test; every process of the session is stopped by the session's id."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HERE)])}
-    proc = subprocess.Popen([sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=str(HERE), env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        out, err = "", f"{script} {' '.join(args)}: still running after {timeout} s (a hang)"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the scene's own processes, should any outlive it
-        proc.wait()
-    assert proc.returncode == 0 and out.strip(), f"exit {proc.returncode}\n{err[-5000:]}"
-    facts: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return facts
+from shared_run import HERE, LONG, SRC, run
 
 
 @pytest.fixture
