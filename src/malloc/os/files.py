@@ -2,13 +2,16 @@
 
 A segment is published under its name only once it is whole: it is made under a temporary name and then hard
 linked to the final one, which fails with FileExistsError if the name is taken, so no process can attach to a
-half-made heap. Growing a file allocates its blocks (posix_fallocate), so a full /dev/shm or disk is a
-MemoryError at the growth, never a SIGBUS when a page is first touched.
+half-made heap. Every process that has a heap open holds a shared flock on its file (`lock_user`), which the
+kernel drops when the process closes it or dies: an opener that can take it exclusively (`lock_alone`) knows
+that no process is using the heap. Growing a file allocates its blocks (posix_fallocate), so a full /dev/shm or
+disk is a MemoryError at the growth, never a SIGBUS when a page is first touched.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 SHM_DIR = "/dev/shm"
@@ -49,6 +52,22 @@ def publish(tmp: str, path: str) -> None:
 def open_existing(path: str) -> int:
     """A read-write descriptor of the file at `path` (FileNotFoundError if there is none)."""
     return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+
+def lock_alone(fd: int) -> bool:
+    """Try, without waiting, to hold the file's flock exclusively: True when no other process (or other open of
+    the file) holds it, that is when no one else has the heap open."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def lock_user(fd: int) -> None:
+    """Hold the file's flock shared, as every user of the heap does until it closes the file (an exclusive hold
+    by this descriptor becomes shared); waits while a lone opener holds it exclusively."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def read_start(fd: int, nbytes: int) -> bytes:

@@ -174,6 +174,11 @@ def madvise_remove(address: int, size: int, reason: str) -> bool:
     return True
 
 
+madvise_fast = _madvise
+"""`madvise(address, size, advice)` itself: 0 or -1. For a caller that runs it inside a slice assignment or a
+chain of C calls, so that no signal handler runs between it and what follows (shared/heap.py); not recorded."""
+
+
 def munmap(address: int, size: int, reason: str, out: list[int] | None = None) -> None:
     """Unmap `size` bytes at `address` (see `out` above)."""
     address = _address(address, "munmap")

@@ -110,3 +110,5 @@ timed_lock_fast = _bind_raw("pthread_mutex_timedlock")
 """`pthread_mutex_timedlock(address, deadline)`: as `try_lock_fast`, ETIMEDOUT when the deadline passed."""
 unlock_fast = _bind_raw("pthread_mutex_unlock")
 """`pthread_mutex_unlock(address)`: 0, or EPERM when this thread does not hold it (nothing changes)."""
+consistent_fast = _bind_raw("pthread_mutex_consistent")
+"""`pthread_mutex_consistent(address)`: 0 once a mutex taken with OWNER_DEAD is marked repaired."""

@@ -28,13 +28,19 @@ the process allocator's do, so neither another thread nor a signal handler comes
 a list entry whose mark is gone (a flush cut short) is skipped.
 
 A process killed at any instant leaves the lock to the kernel (the next owner gets EOWNERDEAD) and the journal
-to the next holder. A thread that calls into a heap it is already inside (from a signal handler or a
-finalizer) gets RuntimeError: the interrupted operation's plans would no longer hold.
+to the next holder. The kernel cannot hand on a lock that the file itself shows held when no process holds it
+(a copy or a power cut took the file during an operation, or it was crafted): whoever opens a heap that no
+other process has open (files.lock_alone) makes its lock anew, and the journal still carries the repair.
+
+A thread that calls into a heap it is already inside (from a signal handler or a finalizer) gets RuntimeError:
+the interrupted operation's plans would no longer hold.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
@@ -42,7 +48,7 @@ from typing import Any, SupportsIndex, TypeVar, cast
 
 from ..cache import CACHE_COUNT, CACHE_MAX_CHUNK
 from ..errors import DoubleFree, HeapCorruption, InvalidPointer
-from ..heap import HEAP_HEADER, Chunk, Heap, address_arg, size_arg
+from ..heap import H_CLEAN, H_END, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, size_arg
 from ..info import MallInfo
 from ..layout import (
     HEADER,
@@ -89,6 +95,8 @@ _timed_lock = mutex.timed_lock_fast
 _unlock = mutex.unlock_fast
 _CACHED_REQUEST = CACHE_MAX_CHUNK - 8 + 1  # requests whose chunks the cache keeps
 _FIRST_BLOCK = SEG_HEADER + HEAP_HEADER + HEADER  # the offset of the heap's first block
+_consistent = mutex.consistent_fast
+_store: Any = operator.setitem  # a store that is a C call, not a Python frame
 _WAIT_SLICE = 0.05  # seconds a blocked caller waits between chances for Python to run signal handlers
 # Slices after which a waiter checks that the lock's holder exists: a dead holder is the kernel's to report
 # (EOWNERDEAD), but a lock word crafted or damaged to name a thread that never held it would be waited on forever.
@@ -116,8 +124,10 @@ class SharedHeap:
     """A heap in POSIX shared memory (`create`, `attach`) or in a regular file (`open`), for many processes.
 
     Blocks are named by offsets (ints): `malloc`, `calloc`, `realloc`, `free`, `usable_size`, `view`, `address`,
-    `offset`. Named values: `roots` (names to offsets), `put`, `get`, `ndarray`, `delete`. Misuse raises as the
-    process heap does, and a call that raises changes nothing. A heap pickles as its name or path.
+    `offset`; `malloc_at`, `realloc_at` and `free_at` keep a block's offset in a word of another block, changed in
+    the same operation as the block (so that a process killed at any instant leaves no block unnamed). Named
+    values: `roots` (names to offsets), `put`, `get`, `ndarray`, `delete`. Misuse raises as the process heap does,
+    and a call that raises changes nothing. A heap pickles as its name or path.
     """
 
     def __init__(self, region: SharedRegion, heap: Heap | None, kind: str, path: str) -> None:
@@ -128,7 +138,7 @@ class SharedHeap:
         self._log = region.log
         self._lock_arg = (mutex.handle(region.lock_address()),)
         self._extent = 0  # the first operation follows the header's extent
-        self._sink: list[int] = []
+        self._sink: list[object] = []
         self._names = Names(region, self._heap)
         self._slot = 0  # this process's slot in the process table; 0: no cache
         self._bins: dict[int, list[int]] = {}  # chunk size -> offsets of cached blocks, newest last
@@ -182,6 +192,7 @@ class SharedHeap:
         fd, tmp = files.make_temporary(path, mode)
         region = None
         try:
+            files.lock_user(fd)
             files.allocate(fd, extent)
             region = SharedRegion(fd, limit, f"shared heap {path} made")
             region.map_to(extent, f"shared heap {path} made")
@@ -192,7 +203,9 @@ class SharedHeap:
             region.log[S_JOURNAL] = J_START  # the format's stores need no undo
             region.log[S_MAGIC] = SEG_MAGIC  # last: a heap only once whole
             files.publish(tmp, path)
-            region.rename(files.open_existing(path), f"shared heap {path} made: mapped by its name")
+            named = files.open_existing(path)
+            files.lock_user(named)  # before the first descriptor, and its hold, goes
+            region.rename(named, f"shared heap {path} made: mapped by its name")
         except BaseException:
             if region is not None:
                 region.close()
@@ -214,12 +227,16 @@ class SharedHeap:
                 files.close(fd)
                 return known
             limit = _check_start(files.read_start(fd, SEG_HEADER), files.file_size(fd), path)
+            alone = files.lock_alone(fd)
         except BaseException:
             files.close(fd)
             raise
         region = SharedRegion(fd, limit, f"shared heap {path} attached")
         try:
             region.map_file(f"shared heap {path} attached")
+            if alone:  # no process uses the heap: a lock the file shows held is no one's
+                region.make_lock()
+            files.lock_user(fd)
             shared = cls(region, None, kind, path)
             shared._run(shared._adopt_heap)
         except BaseException:
@@ -253,17 +270,38 @@ class SharedHeap:
             if log[S_JOURNAL] != J_START or log[S_EXTENT] != self._extent:
                 self._sync()
             result = fn(*args)
-            release = map(_unlock, self._lock_arg)
+            release: Iterator[object] = map(_unlock, self._lock_arg)
+            if self._region.trimmed:
+                release = self._give_back(release)
             log[S_JOURNAL] = J_START  # the commit
             self._sink[:] = release
             return result
         except BaseException:
+            if got[0] == mutex.OWNER_DEAD:  # held, taken from a dead owner: unlocked unrepaired, it would be lost
+                got[:] = map(_consistent, self._lock_arg)
             if not got[0]:
                 try:
                     self._sync()  # undoes this operation's stores
                 finally:
                     _unlock(self._lock_arg[0])
             raise
+
+    def _give_back(self, unlock: Iterator[object]) -> Iterator[object]:
+        """Before the commit of an operation whose trim found whole free pages at the top: `unlock`, preceded by
+        the C calls that give those pages back (MADV_REMOVE) and then lower the clean mark if they went, all to
+        run after the commit in one step, with no point where a signal handler can run. The range is the top as
+        the operation leaves it: a block the same operation took after its trim stays out of it."""
+        region = self._region
+        region.trimmed = False
+        W = self._heap._w
+        t, end, clean = W[H_TOP], W[H_END], W[H_CLEAN]
+        lo = page_align_up((t << 3) + MIN_CHUNK, PAGE)
+        hi = end << 3 & ~(PAGE - 1)
+        if hi <= lo or clean << 3 <= lo:
+            return unlock
+        pick = (lo >> 3, clean).__getitem__  # madvise's 0 (the pages now read as zero) lowers the mark; -1 keeps it
+        marks = map(pick, map(libc.madvise_fast, (region.base + lo,), (hi - lo,), (libc.MADV_REMOVE,)))
+        return itertools.chain(map(_store, (region.seg,), (HEAP_WORD + H_CLEAN,), marks), unlock)
 
     def _acquire(self, got: list[int]) -> None:
         """Wait for the lock after a failed first try (`got[0]` the errno); `got[0]` becomes 0 once it is held."""
@@ -281,8 +319,9 @@ class SharedHeap:
                                          "and there is no such thread (a damaged or crafted lock)",
                                          self._region.seg_base)
         if rc == mutex.OWNER_DEAD:
-            got[0] = 0
-            mutex.consistent(self._region.lock_address())  # the journal, not the lock, carries the repair
+            # The journal, not the lock, carries the repair. The call and the store of its result (0) are one
+            # step for a signal handler: `got` never says "not held" of a lock still waiting to be marked.
+            got[:] = map(_consistent, self._lock_arg)
         elif rc == errno.EDEADLK:
             raise RuntimeError("this thread is already inside this shared heap (a call from a signal handler or "
                                "a finalizer during an operation): the interrupted operation cannot be left")
@@ -455,6 +494,71 @@ class SharedHeap:
         if not region.seg_base <= a < region.seg_base + region.limit:
             raise InvalidPointer(f"{a:#x} is not inside this shared heap's mapping")
         return a - region.seg_base
+
+    # ------------------------------------------------------- blocks whose handles live in the heap
+
+    def malloc_at(self, table: SupportsIndex, index: SupportsIndex, n: SupportsIndex) -> int:
+        """`malloc(n)`, storing the new block's offset in word `index` (8 bytes each) of the live block at offset
+        `table` in the same operation, as PMDK's pmemobj_alloc stores into a persistent pointer: a process killed
+        or interrupted at any instant leaves either no new block and the word as it was, or the block with its
+        offset in the word, never a block that nothing names. The offset; what the word held is overwritten."""
+        o, i = self._table_arg(table, index)
+        return self._run(self._malloc_at, o, i, n)
+
+    def realloc_at(self, table: SupportsIndex, index: SupportsIndex, n: SupportsIndex) -> int:
+        """`realloc` of the block whose offset word `index` of the block at `table` holds (0: a new block, as
+        `realloc(0, n)`), storing its new offset (0 when `n` is 0 freed it) in the word in the same operation."""
+        o, i = self._table_arg(table, index)
+        return self._run(self._realloc_at, o, i, n)
+
+    def free_at(self, table: SupportsIndex, index: SupportsIndex) -> None:
+        """Free the block whose offset word `index` of the block at `table` holds (0: nothing) and store 0 in the
+        word, in the same operation."""
+        o, i = self._table_arg(table, index)
+        self._run(self._free_at, o, i)
+
+    def _table_arg(self, table: SupportsIndex, index: SupportsIndex) -> tuple[int, int]:
+        self._addr(table)
+        return address_arg(table), size_arg(index, "index")
+
+    def _word_of(self, table: int, index: int) -> int:
+        """Under the lock: the heap word of word `index` of the live block at offset `table` (InvalidPointer,
+        DoubleFree or HeapCorruption when it is none; IndexError past its end)."""
+        heap = self._heap
+        c = heap.chunk_of(self._region.seg_base + table)
+        usable = heap.chunk_size(c) - OVERHEAD
+        if (index + 1) * 8 > usable:
+            raise IndexError(f"word {index} lies past the end of the {usable}-byte block at offset {table:#x}")
+        return c + 2 + index
+
+    def _malloc_at(self, table: int, index: int, n: SupportsIndex) -> int:
+        w = self._word_of(table, index)
+        heap = self._heap
+        o = self._malloc(n) - self._region.seg_base
+        heap._w[w] = o  # after the malloc, which may have grown the heap (new words)
+        return o
+
+    def _realloc_at(self, table: int, index: int, n: SupportsIndex) -> int:
+        w = self._word_of(table, index)
+        heap = self._heap
+        old = self._held_at(table, index, w)
+        o = self._realloc(self._addr(old), n) if old else self._malloc(n) - self._region.seg_base
+        heap._w[w] = o
+        return o
+
+    def _free_at(self, table: int, index: int) -> None:
+        w = self._word_of(table, index)
+        heap = self._heap
+        old = self._held_at(table, index, w)
+        if old:
+            self._free(self._addr(old))
+            heap._w[w] = 0
+
+    def _held_at(self, table: int, index: int, w: int) -> int:
+        old: int = self._heap._w[w]
+        if old == table:
+            raise ValueError(f"word {index} of the block at offset {table:#x} holds that block's own offset")
+        return old
 
     # ------------------------------------------------------------------ named values
 

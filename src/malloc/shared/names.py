@@ -169,7 +169,12 @@ class Names:
             e = w + T_ENTRIES + 3 * i
             k = W[e + 1]
             if k > TOMBSTONE:
-                yield self._key(k).decode("utf-8", "surrogatepass"), W[e + 2]
+                try:
+                    name = self._key(k).decode("utf-8", "surrogatepass")
+                except UnicodeDecodeError:
+                    raise HeapCorruption(f"shared heap: the name at offset {k:#x} is not UTF-8",
+                                         self.region.seg_base + k) from None
+                yield name, W[e + 2]
 
     def __len__(self) -> int:
         w, _ = self._table()

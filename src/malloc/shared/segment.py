@@ -135,6 +135,7 @@ class SharedRegion(Region):
         self.seg_base = libc.mmap_anonymous(limit, reason + ": address space reserved for growth",
                                             prot=libc.PROT_NONE, flags=libc.MAP_NORESERVE)
         self.mapped = 0
+        self.trimmed = False  # an operation's trim found whole free pages at the top (see `release`)
         self.exporters: list[Exporter] = []
         try:
             self.map_to(SEG_HEADER, reason)
@@ -150,9 +151,6 @@ class SharedRegion(Region):
     def kind(self) -> str:
         return "shared"
 
-    def _rebuild(self) -> None:
-        self.words = journaled_words(self.base, self.size >> 3, self.log, HEAP_WORD)  # type: ignore[assignment]
-
     def map_to(self, nbytes: int, reason: str) -> None:
         """Map the file's first `nbytes` bytes (page-rounded), if this process maps less."""
         nbytes = page_align_up(nbytes, PAGE)
@@ -161,10 +159,13 @@ class SharedRegion(Region):
         if nbytes > self.limit:
             raise HeapCorruption(f"shared heap: {nbytes} bytes asked of a segment limited to {self.limit}",
                                  self.seg_base)
+        # `mapped` last, after the calls: a signal handler's exception at any of them leaves it behind the new
+        # views (the next call maps the same pages again), never ahead of them with views that stop short.
         libc.mmap_file(self.seg_base + self.mapped, nbytes - self.mapped, self.fd, self.mapped, reason)
-        self.mapped = nbytes
-        self.seg = libc.memory_view(self.seg_base, nbytes).cast(WORD_FORMAT)
+        seg = libc.memory_view(self.seg_base, nbytes).cast(WORD_FORMAT)
         self.exporters.append(libc.memory_exporter(self.seg_base, nbytes))
+        self.seg = seg
+        self.mapped = nbytes
 
     def rename(self, fd: int, reason: str) -> None:
         """Map the same file again, opened by its final name as `fd`, over the present mapping (same pages, same
@@ -184,9 +185,10 @@ class SharedRegion(Region):
                 raise HeapCorruption(f"shared heap header: extent {extent} lies past the end of its file",
                                      self.seg_base)
             self.map_to(extent, "shared heap grown by another process: map the new part")
-        if extent - SEG_HEADER != self.size:
+        if extent - SEG_HEADER != self.size:  # the words first, then the size they describe (as in map_to)
+            self.words = journaled_words(self.base, (extent - SEG_HEADER) >> 3, self.log,  # type: ignore[assignment]
+                                         HEAP_WORD)
             self.size = extent - SEG_HEADER
-            self._rebuild()
 
     def map_file(self, reason: str) -> None:
         """Map all of the file this segment's limit allows (a repair may touch words past the extent)."""
@@ -219,11 +221,11 @@ class SharedRegion(Region):
         return False
 
     def release(self, offset: int, nbytes: int, reason: str) -> bool:
-        lo = page_align_up(self.base + offset, PAGE)
-        hi = (self.base + offset + nbytes) & ~(PAGE - 1)
-        if hi <= lo:
-            return False
-        return libc.madvise_remove(lo, hi - lo, reason)
+        # Not now: the operation may still be undone (its process killed, an exception), and an undone free
+        # needs its bytes and the old top's header back. The heap gives the top's pages back after the
+        # commit (SharedHeap._give_back); here the trim only asks for it.
+        self.trimmed = True
+        return False
 
     def views_alive(self) -> bool:
         """Whether a view made from this mapping (or a slice, cast or numpy array of one) is alive."""

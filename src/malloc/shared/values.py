@@ -60,7 +60,7 @@ def layout_of(value: object) -> tuple[Layout, memoryview]:
         import numpy as np
         from numpy.lib.format import dtype_to_descr
 
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value, order="C")  # not ascontiguousarray, which makes a 0-d array 1-d
         if arr.dtype.hasobject:
             raise TypeError("an array of Python objects cannot live in shared memory")
         descr = repr(dtype_to_descr(arr.dtype)).encode()
