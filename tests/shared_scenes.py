@@ -32,7 +32,7 @@ from shared_work import MAX_FILL, SLOTS, T_SLOTS, Damaged, check_value, checked,
 
 import malloc
 from malloc.heap import Heap
-from malloc.shared.heap import SegmentHeap, SharedHeap
+from malloc.shared.heap import SharedHeap
 
 HERE = Path(__file__).resolve().parent
 DEADLINE = 120.0  # seconds any wait of a scene may last before it counts as a hang
@@ -507,7 +507,7 @@ def die_inside(h: SharedHeap, op: Any) -> None:
     holds the operation's stores, the lock is held); reap it."""
     pid = os.fork()
     if pid == 0:
-        SegmentHeap.claimed = lambda self, c: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[method-assign]
+        Heap.claimed = lambda self, c: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[method-assign]
         try:
             op(h)
         finally:

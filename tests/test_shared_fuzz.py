@@ -41,7 +41,8 @@ import pytest
 from shared_work import names_blocks
 
 import malloc
-from malloc.shared.heap import SegmentHeap, SharedHeap
+from malloc.heap import Heap
+from malloc.shared.heap import SharedHeap
 from malloc.shared.segment import HEAP_WORD, J_START, S_JOURNAL, S_MUTEX, SEG_HEADER
 
 FIXED_SEED = 20261130
@@ -102,7 +103,7 @@ def make_image(tag: str, rng: random.Random, dying: bool) -> Image:
         if dying:
             pid = os.fork()
             if pid == 0:
-                SegmentHeap.claimed = lambda self, c: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore
+                Heap.claimed = lambda self, c: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore
                 h.put("late", b"x" * 5000)
                 os._exit(1)
             os.waitpid(pid, 0)

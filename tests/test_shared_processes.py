@@ -119,9 +119,9 @@ def test_a_file_copied_while_its_lock_was_held_opens_at_once(tmp_path: Path) -> 
         h.put("x", b"hello")
         pid = os.fork()
         if pid == 0:
-            mutex.try_lock_fast(h.base + 64)
+            mutex.try_lock_fast(mutex.handle(h.base + 64))
             shutil.copyfile(path, copy)
-            mutex.unlock_fast(h.base + 64)
+            mutex.unlock_fast(mutex.handle(h.base + 64))
             os._exit(0)
         os.waitpid(pid, 0)
         h.close()

@@ -91,8 +91,9 @@ def consistent(address: int) -> None:
 
 def _bind_raw(name: str) -> Any:
     """`name` without argument conversion: the fast path passes a prebuilt `ctypes.c_void_p` (`handle`),
-    which ctypes passes as is, where a declared argument type costs a conversion per call."""
-    fn = getattr(_libc, name)
+    which ctypes passes as is, where a declared argument type costs a conversion per call. A function object
+    of its own (`_libc[name]`, not the attribute ctypes caches), so that `_bind`'s argument types stay off it."""
+    fn = _libc[name]
     fn.restype = ctypes.c_int
     return fn
 

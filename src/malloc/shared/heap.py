@@ -38,6 +38,7 @@ the interrupted operation's plans would no longer hold.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import operator
@@ -47,7 +48,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, SupportsIndex, TypeVar, cast
 
 from ..cache import CACHE_COUNT, CACHE_MAX_CHUNK
-from ..errors import DoubleFree, HeapCorruption, InvalidPointer
+from ..errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from ..heap import H_CLEAN, H_END, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg, size_arg
 from ..info import MallInfo
 from ..layout import (
@@ -791,15 +792,20 @@ class SharedHeap:
         files.sync(region.fd)
 
     def close(self) -> None:
-        """Unmap this process's view of the heap (the heap lives on). BufferError while a view, or an array over
-        one, is alive. Closing twice does nothing."""
+        """Unmap this process's view of the heap (the heap lives on), giving its cached blocks back first.
+        BufferError while a view, or an array over one, is alive. Closing twice does nothing. A heap found
+        damaged while the cache goes back is closed all the same: the cached blocks stay in use, marked as this
+        process's, to be freed once it has ended, and the damage is left for `check()` to report."""
         region = self._region
         if not region.seg_base:
             return
         if region.views_alive():
             raise BufferError(f"cannot close the shared heap {self.name!r}: a view or array over it is still alive")
         if self._slot:
-            self._run(self._leave)
+            with contextlib.suppress(HeapError):
+                self._run(self._leave)
+        self._bins = {}
+        self._slot = 0
         with _open_lock:
             key = files.identity(region.fd)
             if _open.get(key) is self:
