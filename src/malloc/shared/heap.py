@@ -565,7 +565,8 @@ class SharedHeap:
 
     def put(self, name: str, value: object) -> int:
         """Copy `value` (a numpy array, or any bytes-like object) into the heap under `name`, replacing (and
-        freeing) what a put stored there before; its offset."""
+        freeing) what a put stored there before, as a free would (another name that held the same block is
+        left pointing at freed memory); its offset."""
         key = name_bytes(name)
         layout, data = values.layout_of(value)
         if not self._region.seg_base:
@@ -578,8 +579,14 @@ class SharedHeap:
         layout = values.array_layout(shape, dtype)
         if not self._region.seg_base:
             raise self._closed()
-        self._run(self._store, key, layout, None, True)
-        return self.get(name)
+        return self._run(self._new_array, key, layout)
+
+    def _new_array(self, key: bytes, layout: values.Layout) -> Any:
+        """Under the lock: the zeroed value stored, and the array over it made before the commit (nothing may
+        come after the commit that could raise)."""
+        start = self._store(key, layout, None, True) + layout.data_offset
+        view = memoryview(self._region.exporters[-1]).cast("B")[start:start + layout.nbytes]
+        return values.as_value(layout, view)
 
     def get(self, name: str) -> Any:
         """The value stored under `name` by put or ndarray: a zero-copy numpy array, or a memoryview for bytes.
