@@ -20,8 +20,9 @@ Every operation is all or nothing. A Python signal handler runs only where the i
 pending calls: at the start of a Python function, at a loop's backward jump, and right after a call to a C
 function returns; never between two subscript stores, and not on the return from a Python function. So an
 engine operation first decides (it reads, checks, plans, calls), then commits: one straight run of word
-stores with no call and no loop, at most preceded by one call to `bins.relink` (whose own stores are such a
-run) and followed only by its return. An exception from a handler finds the operation not started or done.
+stores with no call and no loop, at most preceded by one call to `bins.relink` or `bins.move` (whose own
+stores are such a run) and followed only by its return. An exception from a handler finds the operation
+not started or done.
 An operation that needs two commits (shrinking a block in place, aligning one, growing past a foreign span)
 makes its first commit leave an in-use chunk that nobody holds and name it in the journal word; `settle`
 frees that chunk and clears the word in one commit, and runs again at the next operation if an exception
@@ -39,14 +40,13 @@ from dataclasses import dataclass
 from typing import SupportsIndex
 
 from . import bins
-from .bins import H_BINS, H_LARGEMAP, H_SMALLMAP, relink
+from .bins import H_BINS, H_LARGEMAP, H_SMALLMAP, move, relink
 from .errors import DoubleFree, HeapCorruption, InvalidPointer
 from .layout import (
+    BIN,
     FOREIGN,
     HEADER,
     IS_MMAPPED,
-    LARGE_BIN,
-    LARGE_TABLE_LIMIT,
     MAX_REQUEST,
     MIN_CHUNK,
     N_BINS,
@@ -54,6 +54,7 @@ from .layout import (
     PREV_INUSE,
     SIZE_MASK,
     SMALL_LIMIT,
+    TABLE_LIMIT,
     TAG_BITS,
     TAG_MASK,
     TAG_SHIFT,
@@ -352,9 +353,9 @@ class Heap:
                     m = W[H_LARGEMAP]
                     c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
             else:
-                # The first chunk that fits is the best, as the bin is sorted (bins.slot's walk, written out: this
-                # is the engine's hottest loop, and a call costs more than most walks).
-                i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
+                # The first chunk that fits is the best, as the bin is sorted (the walk of bins.relink's insert, written
+                # out: this is the engine's hottest loop, and a call costs more than most walks).
+                i = BIN[nb >> 4] if nb < TABLE_LIMIT else 127
                 c = W[H_BINS + i]
                 prev = 0
                 try:
@@ -382,7 +383,7 @@ class Heap:
                 rem = sz - nb
                 if rem >= MIN_CHUNK:
                     r = c + (nb >> 3)
-                    relink(W, self.base, c, sz, 0, 0, r, rem)
+                    move(W, self.base, c, sz, r, rem)
                     W[r + 1] = rem | PREV_INUSE
                     W[r + (rem >> 3)] = rem
                     sz = nb
@@ -616,8 +617,14 @@ class Heap:
                 else:
                     W[H_SMALLMAP] |= 1 << i
                 W[H_BINS + i] = c
-            else:
+            elif pc and b:
                 relink(W, base, pc, psz, b, nsz, c, sz)
+            elif pc:
+                move(W, base, pc, psz, c, sz)
+            elif b:
+                move(W, base, b, nsz, c, sz)
+            else:
+                relink(W, base, 0, 0, 0, 0, c, sz)
             if not next_free:
                 W[n + 1] = nh & ~PREV_INUSE
             W[old + 1] = h & ~TAG_MASK
@@ -680,7 +687,7 @@ class Heap:
             total = sz + nsz
             if total - nb >= MIN_CHUNK:
                 r = c + (nb >> 3)
-                relink(W, self.base, n, nsz, 0, 0, r, total - nb)
+                move(W, self.base, n, nsz, r, total - nb)
                 W[r + 1] = (total - nb) | PREV_INUSE
                 W[c + (total >> 3)] = total - nb
                 total = nb
