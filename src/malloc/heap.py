@@ -73,6 +73,7 @@ H_MAGIC, H_VERSION, H_TOP, H_END, H_CLEAN, H_FOREIGN, H_FOREIGN_CHUNKS, H_HELD_M
 H_JOURNAL = 11  # word index of an in-use chunk that an interrupted two-commit operation owes back, or 0
 HEAP_WORDS = H_BINS + N_BINS  # the first chunk's word index
 HEAP_HEADER = HEAP_WORDS * 8  # ... and its offset
+UNTAGGED = ~TAG_MASK  # a header word's bits but the in-use tag
 
 # Glibc's defaults for a heap that trims itself (the process allocator passes its own settings).
 DEFAULT_TOP_PAD = 128 * 1024
@@ -567,17 +568,22 @@ class Heap:
             t = W[H_TOP]
             nh = W[n + 1]
             nsz = nh & SIZE_MASK
-            next_free = False
+            b = 0  # the next chunk when it is free (it merges)
             if n != t:
-                if nsz < HEADER or n + (nsz >> 3) > t:
+                e = n + (nsz >> 3)
+                if nsz < HEADER or e > t:
                     raise HeapCorruption(f"chunk after {base + (c << 3):#x} has a bad size {nsz}", base + (n << 3))
-                next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
-                if next_free and W[n + (nsz >> 3)] != nsz:  # glibc's "corrupted size vs. prev_size"
+                if W[e + 1] & PREV_INUSE:
+                    if not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
+                        raise HeapCorruption(f"header of the chunk after {base + (c << 3):#x} was overwritten",
+                                             base + (n << 3))
+                elif W[e] != nsz:  # glibc's "corrupted size vs. prev_size"
                     raise HeapCorruption(f"free chunk after {base + (c << 3):#x}: its size {nsz} disagrees with its "
                                          "boundary tag", base + (n << 3))
-                if not next_free and not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
-                    raise HeapCorruption(f"header of the chunk after {base + (c << 3):#x} was overwritten",
-                                         base + (n << 3))
+                else:
+                    b = n
+                    sz += nsz
+            old = c
             pc = psz = 0
             if not h & PREV_INUSE:
                 psz = W[c]
@@ -587,23 +593,28 @@ class Heap:
                                          base + (c << 3))
                 c = pc
                 sz += psz
-            b = n if next_free else 0
-            if b:
-                sz += nsz
             if check_only:
                 relink(W, base, pc, psz, b, nsz, 0, 0, dry=True)  # both neighbours' links, before either goes
                 return 0
-            # A chunk merged into the one before keeps its old header inside the merged chunk: its in-use tag
-            # goes, so that the freed block no longer passes `find_chunk` (a second free is caught).
-            old = n - ((h & SIZE_MASK) >> 3)
             if n == t:
                 if pc:
                     relink(W, base, pc, psz, 0, 0, 0, 0)
-                W[old + 1] = h & ~TAG_MASK
+                    # The chunk merged into the one before keeps its old header inside the merged chunk: its
+                    # in-use tag goes, so that the freed block no longer passes `find_chunk` (a second free is
+                    # caught).
+                    W[old + 1] = h & UNTAGGED
                 W[c + 1] = (sz + nsz) | PREV_INUSE
                 W[H_TOP] = c
                 return sz + nsz
-            if sz < SMALL_LIMIT and not pc and not b:
+            if pc:
+                if b:
+                    relink(W, base, pc, psz, b, nsz, c, sz)
+                else:
+                    move(W, base, pc, psz, c, sz)
+                W[old + 1] = h & UNTAGGED  # as above
+            elif b:
+                move(W, base, b, nsz, c, sz)
+            elif sz < SMALL_LIMIT:
                 # The common case, a small chunk between chunks in use, written out: it goes to the head of its
                 # bin (bins.relink's insert, with no call before the stores).
                 i = sz >> 4
@@ -617,17 +628,10 @@ class Heap:
                 else:
                     W[H_SMALLMAP] |= 1 << i
                 W[H_BINS + i] = c
-            elif pc and b:
-                relink(W, base, pc, psz, b, nsz, c, sz)
-            elif pc:
-                move(W, base, pc, psz, c, sz)
-            elif b:
-                move(W, base, b, nsz, c, sz)
             else:
                 relink(W, base, 0, 0, 0, 0, c, sz)
-            if not next_free:
+            if not b:
                 W[n + 1] = nh & ~PREV_INUSE
-            W[old + 1] = h & ~TAG_MASK
             W[c + 1] = sz | PREV_INUSE
             W[c + (sz >> 3)] = sz
             return 0
