@@ -124,9 +124,9 @@ def relink(W: memoryview, base: int, a: int, asize: int, b: int, bsize: int, r: 
 
 
 def move(W: memoryview, base: int, a: int, asize: int, r: int, rsize: int) -> None:
-    """`relink(W, base, a, asize, 0, 0, r, rsize)`: unlink the free chunk `a`, insert the chunk `r`; the same
-    checks, plan and straight run of stores, with only the branches these two need."""
-    ri = rp = last = 0
+    """`relink(W, base, a, asize, 0, 0, r, rsize)`: unlink the free chunk `a`, then insert the chunk `r` (0 for
+    none); the same checks, plan and straight run of stores, with only the branches these two need."""
+    ri = rp = rc = last = 0
     try:
         an = W[a + 2]
         ap = W[a + 3]
@@ -135,17 +135,18 @@ def move(W: memoryview, base: int, a: int, asize: int, r: int, rsize: int) -> No
             raise _broken(base, a, ": its next chunk does not link back")
         if W[ap + 2] != a if ap else W[H_BINS + ai] != a:
             raise _broken(base, a, " is not in its bin's list")
-        ri = BIN[rsize >> 4] if rsize < TABLE_LIMIT else 127
-        rc = W[H_BINS + ri]
-        while rc and (rc == a or (W[rc + 1] & SIZE_MASK) < rsize):
-            if W[rc + 3] != last:  # also ends a cycle made by an overwritten link
+        if r:
+            ri = BIN[rsize >> 4] if rsize < TABLE_LIMIT else 127
+            rc = W[H_BINS + ri]
+            while rc and (rc == a or (W[rc + 1] & SIZE_MASK) < rsize):
+                if W[rc + 3] != last:  # also ends a cycle made by an overwritten link
+                    raise _broken(base, rc, ": back link broken")
+                last = rc
+                if rc != a:
+                    rp = rc
+                rc = W[rc + 2]
+            if rc and W[rc + 3] != last:
                 raise _broken(base, rc, ": back link broken")
-            last = rc
-            if rc != a:
-                rp = rc
-            rc = W[rc + 2]
-        if rc and W[rc + 3] != last:
-            raise _broken(base, rc, ": back link broken")
     except IndexError:
         raise _broken(base, last or a, ": its links lead out of the heap") from None
     if ap:
@@ -159,19 +160,20 @@ def move(W: memoryview, base: int, a: int, asize: int, r: int, rsize: int) -> No
                 W[H_LARGEMAP] &= ~(1 << (ai - 64))
     if an:
         W[an + 3] = ap
-    W[r + 2] = rc
-    W[r + 3] = rp
-    if rc:
-        W[rc + 3] = r
-    if rp:
-        W[rp + 2] = r
-    else:
-        W[H_BINS + ri] = r
-        if not rc:
-            if ri < 64:
-                W[H_SMALLMAP] |= 1 << ri
-            else:
-                W[H_LARGEMAP] |= 1 << (ri - 64)
+    if r:
+        W[r + 2] = rc
+        W[r + 3] = rp
+        if rc:
+            W[rc + 3] = r
+        if rp:
+            W[rp + 2] = r
+        else:
+            W[H_BINS + ri] = r
+            if not rc:
+                if ri < 64:
+                    W[H_SMALLMAP] |= 1 << ri
+                else:
+                    W[H_LARGEMAP] |= 1 << (ri - 64)
 
 
 def members(W: memoryview, i: int) -> list[int]:

@@ -389,7 +389,7 @@ class Heap:
                     W[r + (rem >> 3)] = rem
                     sz = nb
                 else:
-                    relink(W, self.base, c, sz, 0, 0, 0, 0)
+                    move(W, self.base, c, sz, 0, 0)
                     W[c + (sz >> 3) + 1] |= PREV_INUSE
                 # A free chunk's predecessor is always in use (free neighbours are coalesced).
                 W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
@@ -598,7 +598,7 @@ class Heap:
                 return 0
             if n == t:
                 if pc:
-                    relink(W, base, pc, psz, 0, 0, 0, 0)
+                    move(W, base, pc, psz, 0, 0)
                     # The chunk merged into the one before keeps its old header inside the merged chunk: its
                     # in-use tag goes, so that the freed block no longer passes `find_chunk` (a second free is
                     # caught).
@@ -696,7 +696,7 @@ class Heap:
                 W[c + (total >> 3)] = total - nb
                 total = nb
             else:
-                relink(W, self.base, n, nsz, 0, 0, 0, 0)
+                move(W, self.base, n, nsz, 0, 0)
                 W[c + (total >> 3) + 1] |= PREV_INUSE
             W[c + 1] = total | keep
             return True
