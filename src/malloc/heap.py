@@ -331,28 +331,16 @@ class Heap:
         try:
             W = self._w
             if nb < SMALL_LIMIT:
+                # The exact bin's first chunk, else the smallest chunk of the next non-empty bin.
                 i = nb >> 4
                 c = W[H_BINS + i]
-                if c:
-                    # Exact fit, the common case: pop the bin's first chunk.
-                    nxt = W[c + 2]
-                    if W[c + 3] or W[c + 1] != nb + PREV_INUSE or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
-                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: bin links or size broken",
-                                             self.base + (c << 3))
-                    W[H_BINS + i] = nxt
-                    if nxt:
-                        W[nxt + 3] = 0
+                if not c:
+                    m = W[H_SMALLMAP] >> (i + 1)
+                    if m:
+                        c = W[H_BINS + i + (m & -m).bit_length()]
                     else:
-                        W[H_SMALLMAP] &= ~(1 << i)
-                    W[c + (nb >> 3) + 1] |= PREV_INUSE
-                    W[c + 1] = nb | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
-                    return c
-                m = W[H_SMALLMAP] >> (i + 1)
-                if m:
-                    c = W[H_BINS + i + (m & -m).bit_length()]
-                else:
-                    m = W[H_LARGEMAP]
-                    c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
+                        m = W[H_LARGEMAP]
+                        c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
             else:
                 # The first chunk that fits is the best, as the bin is sorted (the walk of bins.relink's insert, written
                 # out: this is the engine's hottest loop, and a call costs more than most walks).
@@ -386,11 +374,11 @@ class Heap:
                     r = c + (nb >> 3)
                     move(W, self.base, c, sz, r, rem)
                     W[r + 1] = rem | PREV_INUSE
-                    W[r + (rem >> 3)] = rem
+                    W[e] = rem
                     sz = nb
                 else:
                     move(W, self.base, c, sz, 0, 0)
-                    W[c + (sz >> 3) + 1] |= PREV_INUSE
+                    W[e + 1] |= PREV_INUSE
                 # A free chunk's predecessor is always in use (free neighbours are coalesced).
                 W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
                 return c
