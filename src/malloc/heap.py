@@ -194,6 +194,12 @@ class Heap:
         `zero_fresh`)."""
         return self._w[H_CLEAN]
 
+    def block_address(self, c: int) -> int:
+        """The address handed out for the chunk at word `c`: its block, past the 16-byte header. (An operation
+        that allocates writes this out after its last step: a call there is where a signal handler could run
+        between the allocation and its result.)"""
+        return self.base + (c << 3) + HEADER
+
     def chunk_size(self, c: int) -> int:
         """Size in bytes of the chunk at word `c` (found by `chunk_of` or `find_chunk`)."""
         return self._w[c + 1] & SIZE_MASK
@@ -715,7 +721,7 @@ class Heap:
     def aligned_chunk(self, c: int, alignment: int) -> int:
         """The chunk `align_chunk(c, nb, alignment)` returns: the first whose block is `alignment`-aligned
         and that leaves a lead of at least a minimal chunk (or none). Reads nothing."""
-        first = self.base + (c << 3) + HEADER
+        first = self.block_address(c)
         p = (first + alignment - 1) & ~(alignment - 1)
         while p != first and p - first < MIN_CHUNK:
             p += alignment
@@ -810,7 +816,7 @@ class Heap:
     def _classify(self, c: int) -> Exception:
         """Why word `c` is not the start of a live chunk: walk the heap to find what lies there."""
         base = self.base
-        p = base + (c << 3) + HEADER
+        p = self.block_address(c)
         W = self._w
         try:
             for w, size, word in self._walk():

@@ -567,7 +567,7 @@ class ProcessAllocator:
             # commit has made the lead a chunk of its own (smaller than the request), else the whole chunk.
             held, c, a, need = aligning
             lost = a if held.chunk_size(c) < need else c
-            self._deferred += (held.base + (lost << 3) + HEADER,)
+            self._deferred += (held.block_address(lost),)
             self._aligning = None
         shrinks = self._shrinks
         while shrinks:
