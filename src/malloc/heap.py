@@ -20,8 +20,9 @@ Every operation is all or nothing. A Python signal handler runs only where the i
 pending calls: at the start of a Python function, at a loop's backward jump, and right after a call to a C
 function returns; never between two subscript stores, and not on the return from a Python function. So an
 engine operation first decides (it reads, checks, plans, calls), then commits: one straight run of word
-stores with no call and no loop, at most preceded by one call to `bins.relink` (whose own stores are such a
-run) and followed only by its return. An exception from a handler finds the operation not started or done.
+stores with no call and no loop, at most preceded by one call to `bins.relink` or `bins.move` (whose own
+stores are such a run) and followed only by its return. An exception from a handler finds the operation
+not started or done.
 An operation that needs two commits (shrinking a block in place, aligning one, growing past a foreign span)
 makes its first commit leave an in-use chunk that nobody holds and name it in the journal word; `settle`
 frees that chunk and clears the word in one commit, and runs again at the next operation if an exception
@@ -39,14 +40,13 @@ from dataclasses import dataclass
 from typing import SupportsIndex
 
 from . import bins
-from .bins import H_BINS, H_LARGEMAP, H_SMALLMAP, relink
+from .bins import H_BINS, H_LARGEMAP, H_SMALLMAP, move, relink
 from .errors import DoubleFree, HeapCorruption, InvalidPointer
 from .layout import (
+    BIN,
     FOREIGN,
     HEADER,
     IS_MMAPPED,
-    LARGE_BIN,
-    LARGE_TABLE_LIMIT,
     MAX_REQUEST,
     MIN_CHUNK,
     N_BINS,
@@ -54,6 +54,7 @@ from .layout import (
     PREV_INUSE,
     SIZE_MASK,
     SMALL_LIMIT,
+    TABLE_LIMIT,
     TAG_BITS,
     TAG_MASK,
     TAG_SHIFT,
@@ -72,6 +73,7 @@ H_MAGIC, H_VERSION, H_TOP, H_END, H_CLEAN, H_FOREIGN, H_FOREIGN_CHUNKS, H_HELD_M
 H_JOURNAL = 11  # word index of an in-use chunk that an interrupted two-commit operation owes back, or 0
 HEAP_WORDS = H_BINS + N_BINS  # the first chunk's word index
 HEAP_HEADER = HEAP_WORDS * 8  # ... and its offset
+UNTAGGED = ~TAG_MASK  # a header word's bits but the in-use tag
 
 # Glibc's defaults for a heap that trims itself (the process allocator passes its own settings).
 DEFAULT_TOP_PAD = 128 * 1024
@@ -192,6 +194,12 @@ class Heap:
         """The clean mark: the word index from which the heap's memory is zero as the OS gave it (see
         `zero_fresh`)."""
         return self._w[H_CLEAN]
+
+    def block_address(self, c: int) -> int:
+        """The address handed out for the chunk at word `c`: its block, past the 16-byte header. (An operation
+        that allocates writes this out after its last step: a call there is where a signal handler could run
+        between the allocation and its result.)"""
+        return self.base + (c << 3) + HEADER
 
     def chunk_size(self, c: int) -> int:
         """Size in bytes of the chunk at word `c` (found by `chunk_of` or `find_chunk`)."""
@@ -332,32 +340,20 @@ class Heap:
         try:
             W = self._w
             if nb < SMALL_LIMIT:
+                # The exact bin's first chunk, else the smallest chunk of the next non-empty bin.
                 i = nb >> 4
                 c = W[H_BINS + i]
-                if c:
-                    # Exact fit, the common case: pop the bin's first chunk.
-                    nxt = W[c + 2]
-                    if W[c + 3] or W[c + 1] != nb + PREV_INUSE or (nxt and (nxt >= len(W) - 4 or W[nxt + 3] != c)):
-                        raise HeapCorruption(f"free chunk at {self.base + (c << 3):#x}: bin links or size broken",
-                                             self.base + (c << 3))
-                    W[H_BINS + i] = nxt
-                    if nxt:
-                        W[nxt + 3] = 0
+                if not c:
+                    m = W[H_SMALLMAP] >> (i + 1)
+                    if m:
+                        c = W[H_BINS + i + (m & -m).bit_length()]
                     else:
-                        W[H_SMALLMAP] &= ~(1 << i)
-                    W[c + (nb >> 3) + 1] |= PREV_INUSE
-                    W[c + 1] = nb | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
-                    return c
-                m = W[H_SMALLMAP] >> (i + 1)
-                if m:
-                    c = W[H_BINS + i + (m & -m).bit_length()]
-                else:
-                    m = W[H_LARGEMAP]
-                    c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
+                        m = W[H_LARGEMAP]
+                        c = W[H_BINS + 63 + (m & -m).bit_length()] if m else 0
             else:
-                # The first chunk that fits is the best, as the bin is sorted (bins.slot's walk, written out: this
-                # is the engine's hottest loop, and a call costs more than most walks).
-                i = LARGE_BIN[nb >> 6] if nb < LARGE_TABLE_LIMIT else 127
+                # The first chunk that fits is the best, as the bin is sorted (the walk of bins.relink's insert, written
+                # out: this is the engine's hottest loop, and a call costs more than most walks).
+                i = BIN[nb >> 4] if nb < TABLE_LIMIT else 127
                 c = W[H_BINS + i]
                 prev = 0
                 try:
@@ -385,13 +381,13 @@ class Heap:
                 rem = sz - nb
                 if rem >= MIN_CHUNK:
                     r = c + (nb >> 3)
-                    relink(W, self.base, c, sz, 0, 0, r, rem)
+                    move(W, self.base, c, sz, r, rem)
                     W[r + 1] = rem | PREV_INUSE
-                    W[r + (rem >> 3)] = rem
+                    W[e] = rem
                     sz = nb
                 else:
-                    relink(W, self.base, c, sz, 0, 0, 0, 0)
-                    W[c + (sz >> 3) + 1] |= PREV_INUSE
+                    move(W, self.base, c, sz, 0, 0)
+                    W[e + 1] |= PREV_INUSE
                 # A free chunk's predecessor is always in use (free neighbours are coalesced).
                 W[c + 1] = sz | PREV_INUSE | ((c | 1) & TAG_BITS) << TAG_SHIFT
                 return c
@@ -569,17 +565,22 @@ class Heap:
             t = W[H_TOP]
             nh = W[n + 1]
             nsz = nh & SIZE_MASK
-            next_free = False
+            b = 0  # the next chunk when it is free (it merges)
             if n != t:
-                if nsz < HEADER or n + (nsz >> 3) > t:
+                e = n + (nsz >> 3)
+                if nsz < HEADER or e > t:
                     raise HeapCorruption(f"chunk after {base + (c << 3):#x} has a bad size {nsz}", base + (n << 3))
-                next_free = not W[n + (nsz >> 3) + 1] & PREV_INUSE
-                if next_free and W[n + (nsz >> 3)] != nsz:  # glibc's "corrupted size vs. prev_size"
+                if W[e + 1] & PREV_INUSE:
+                    if not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
+                        raise HeapCorruption(f"header of the chunk after {base + (c << 3):#x} was overwritten",
+                                             base + (n << 3))
+                elif W[e] != nsz:  # glibc's "corrupted size vs. prev_size"
                     raise HeapCorruption(f"free chunk after {base + (c << 3):#x}: its size {nsz} disagrees with its "
                                          "boundary tag", base + (n << 3))
-                if not next_free and not nh & FOREIGN and nh >> TAG_SHIFT != (n | 1) & TAG_BITS:
-                    raise HeapCorruption(f"header of the chunk after {base + (c << 3):#x} was overwritten",
-                                         base + (n << 3))
+                else:
+                    b = n
+                    sz += nsz
+            old = c
             pc = psz = 0
             if not h & PREV_INUSE:
                 psz = W[c]
@@ -589,23 +590,28 @@ class Heap:
                                          base + (c << 3))
                 c = pc
                 sz += psz
-            b = n if next_free else 0
-            if b:
-                sz += nsz
             if check_only:
                 relink(W, base, pc, psz, b, nsz, 0, 0, dry=True)  # both neighbours' links, before either goes
                 return 0
-            # A chunk merged into the one before keeps its old header inside the merged chunk: its in-use tag
-            # goes, so that the freed block no longer passes `find_chunk` (a second free is caught).
-            old = n - ((h & SIZE_MASK) >> 3)
             if n == t:
                 if pc:
-                    relink(W, base, pc, psz, 0, 0, 0, 0)
-                W[old + 1] = h & ~TAG_MASK
+                    move(W, base, pc, psz, 0, 0)
+                    # The chunk merged into the one before keeps its old header inside the merged chunk: its
+                    # in-use tag goes, so that the freed block no longer passes `find_chunk` (a second free is
+                    # caught).
+                    W[old + 1] = h & UNTAGGED
                 W[c + 1] = (sz + nsz) | PREV_INUSE
                 W[H_TOP] = c
                 return sz + nsz
-            if sz < SMALL_LIMIT and not pc and not b:
+            if pc:
+                if b:
+                    relink(W, base, pc, psz, b, nsz, c, sz)
+                else:
+                    move(W, base, pc, psz, c, sz)
+                W[old + 1] = h & UNTAGGED  # as above
+            elif b:
+                move(W, base, b, nsz, c, sz)
+            elif sz < SMALL_LIMIT:
                 # The common case, a small chunk between chunks in use, written out: it goes to the head of its
                 # bin (bins.relink's insert, with no call before the stores).
                 i = sz >> 4
@@ -620,10 +626,9 @@ class Heap:
                     W[H_SMALLMAP] |= 1 << i
                 W[H_BINS + i] = c
             else:
-                relink(W, base, pc, psz, b, nsz, c, sz)
-            if not next_free:
+                relink(W, base, 0, 0, 0, 0, c, sz)
+            if not b:
                 W[n + 1] = nh & ~PREV_INUSE
-            W[old + 1] = h & ~TAG_MASK
             W[c + 1] = sz | PREV_INUSE
             W[c + (sz >> 3)] = sz
             return 0
@@ -683,12 +688,12 @@ class Heap:
             total = sz + nsz
             if total - nb >= MIN_CHUNK:
                 r = c + (nb >> 3)
-                relink(W, self.base, n, nsz, 0, 0, r, total - nb)
+                move(W, self.base, n, nsz, r, total - nb)
                 W[r + 1] = (total - nb) | PREV_INUSE
                 W[c + (total >> 3)] = total - nb
                 total = nb
             else:
-                relink(W, self.base, n, nsz, 0, 0, 0, 0)
+                move(W, self.base, n, nsz, 0, 0)
                 W[c + (total >> 3) + 1] |= PREV_INUSE
             W[c + 1] = total | keep
             return True
@@ -719,7 +724,7 @@ class Heap:
     def aligned_chunk(self, c: int, alignment: int) -> int:
         """The chunk `align_chunk(c, nb, alignment)` returns: the first whose block is `alignment`-aligned
         and that leaves a lead of at least a minimal chunk (or none). Reads nothing."""
-        first = self.base + (c << 3) + HEADER
+        first = self.block_address(c)
         p = (first + alignment - 1) & ~(alignment - 1)
         while p != first and p - first < MIN_CHUNK:
             p += alignment
@@ -829,7 +834,7 @@ class Heap:
     def _classify(self, c: int) -> Exception:
         """Why word `c` is not the start of a live chunk: walk the heap to find what lies there."""
         base = self.base
-        p = base + (c << 3) + HEADER
+        p = self.block_address(c)
         W = self._w
         try:
             for w, size, word in self._walk():

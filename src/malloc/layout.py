@@ -88,13 +88,10 @@ def bin_index(size: int) -> int:
     return 127
 
 
-def _large_table() -> bytes:
-    return bytes(bin_index(size) for size in range(0, LARGE_TABLE_LIMIT, 64))
-
-
-LARGE_TABLE_LIMIT = 524288
-# bin_index(size) == LARGE_BIN[size >> 6] for SMALL_LIMIT <= size < LARGE_TABLE_LIMIT: one lookup in hot paths.
-LARGE_BIN = _large_table()
+TABLE_LIMIT = 524288
+# bin_index(size) == BIN[size >> 4] for size < TABLE_LIMIT, and 127 from there up: the hot paths' one lookup
+# (`BIN[size >> 4] if size < TABLE_LIMIT else 127`), where a call would cost more than the whole index.
+BIN = bytes(bin_index(size) for size in range(0, TABLE_LIMIT, 16))
 
 
 def page_align_up(n: int, page: int) -> int:

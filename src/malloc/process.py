@@ -32,7 +32,7 @@ import threading
 import warnings
 from bisect import bisect_right
 from collections.abc import Iterator
-from typing import SupportsIndex, cast
+from typing import SupportsIndex
 
 from .cache import CACHE_COUNT, CACHE_MAX_CHUNK, FastCache
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
@@ -550,7 +550,7 @@ class ProcessAllocator:
             # commit has made the lead a chunk of its own (smaller than the request), else the whole chunk.
             held, c, a, need = aligning
             lost = a if held.chunk_size(c) < need else c
-            self._deferred += (held.base + (lost << 3) + HEADER,)
+            self._deferred += (held.block_address(lost),)
             self._aligning = None
         shrinks = self._shrinks
         while shrinks:
@@ -622,8 +622,8 @@ class ProcessAllocator:
         into a free neighbour or the top when it can, a mapped block with mremap; otherwise it moves. A
         block that shrinks keeps its address; the memory it gives up goes back at the next call.
         """
-        ptr = address_arg(p)
-        size = size_arg(n)
+        ptr = p if type(p) is int and p >= 0 else address_arg(p)
+        size = n if type(n) is int and n >= 0 else size_arg(n)
         if not ptr:
             return self.malloc(size)
         lock = self._lock
@@ -667,12 +667,17 @@ class ProcessAllocator:
         flight until realloc returns it."""
         viewed = p in self._views and self._viewed(p)
         mapped = self._mapped.get(p)
-        heap: Heap | None = None
-        c = 0
+        main = self._main
         if mapped is not None:
             self._check_mapped(p, *mapped)
+            heap = main
+            c = sz = 0
+        elif main is not None and (sz := main.block_size(p)) and p not in self._cached:
+            heap = main  # the common case, as free finds it: a live block of the main heap
+            c = (p - main.base - HEADER) >> 3
         else:
             heap, c = self._live_chunk(p)
+            sz = heap.chunk_size(c)
         if n == 0:
             if viewed:
                 raise _view_alive(p, "free")
@@ -688,12 +693,11 @@ class ProcessAllocator:
                     raise _view_alive(p, "shrink")
                 return p, 0, new_length if new_length < length else 0
             if self._grow_mapping(p, m, length, new_length, n):
-                self._view_grown(p, viewed)
+                if viewed:
+                    self._view_grown(p)
                 return p, 0, 0
             usable = length - (p - m)
-        else:
-            heap = cast(Heap, heap)  # set with the chunk above: a block is mapped or in a heap
-            sz = heap.chunk_size(c)
+        elif heap is not None:  # always, for a block not mapped
             if nb <= sz:
                 if sz - nb < MIN_CHUNK:
                     return p, 0, 0
@@ -702,9 +706,13 @@ class ProcessAllocator:
                 return p, 0, nb
             # A block bordering the top grows in place even past the mmap threshold (glibc would move it
             # to a mapping): moving would copy it, and a growing mapped block costs an mremap per page.
+            region = heap.region
+            held = region.size
             if heap.resize_in_place(c, nb, grow_top=True):
-                self._note_system()
-                self._view_grown(p, viewed)
+                if region.size != held:
+                    self._note_system()
+                if viewed:
+                    self._view_grown(p)
                 return p, 0, 0
             heap.release(c, check_only=True)  # a block that cannot be freed must not be moved
             usable = sz - OVERHEAD
@@ -714,13 +722,12 @@ class ProcessAllocator:
         libc.memmove(q, p, min(usable, n))
         return q, p, 0
 
-    def _view_grown(self, p: int, viewed: bool) -> None:
+    def _view_grown(self, p: int) -> None:
         """After the viewed block `p` grew in place: later views span the whole block."""
-        if viewed:
-            exporters = self._views[p]
-            usable = self._usable(p)
-            if usable != len(exporters[-1]):
-                exporters.append(libc.memory_exporter(p, usable))
+        exporters = self._views[p]
+        usable = self._usable(p)
+        if usable != len(exporters[-1]):
+            exporters.append(libc.memory_exporter(p, usable))
 
     def _grow_mapping(self, p: int, m: int, length: int, new_length: int, n: int) -> bool:
         """Grow the mapped chunk at `p` in place with mremap (never moving it: a move could not be undone if
