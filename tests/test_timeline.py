@@ -209,6 +209,27 @@ def test_op_links_pair_each_block_with_the_operations_that_make_and_end_it() -> 
     assert ended_by == [2, 3, 4, -1, -1, -1, -1]
 
 
+@pytest.mark.parametrize("alloc", ["ours", "glibc"])
+def test_the_chunks_walked_in_parts_are_a_whole_walks_after_every_operation(alloc: str, tmp_path: Path) -> None:
+    """The recording walks again only around what each operation changed; in the worker's check mode it also
+    walks the whole heap after every operation and fails at the first difference. Most steps are walked in
+    parts (the point of it), and the splices still rebuild every step's list from the keyframes."""
+    trace = mixed_trace()
+    write_ops(trace, tmp_path / "mixed.ops")
+    result = run_worker(alloc, "timeline-check", tmp_path / "mixed.ops")
+    assert "error" not in result, result.get("traceback")
+    recording = result["timeline"]
+    if alloc == "glibc":
+        assert 0 < recording["whole"] < trace.num_ops // 10, recording["whole"]
+    keys = dict((k, rows) for k, rows in recording["keys"])
+    rows: list[int] = []
+    for k, (start, removed, *inserted) in enumerate(recording["splices"]):
+        rows[4 * start:4 * (start + removed)] = inserted
+        if k in keys:
+            assert rows == keys[k], f"step {k}"
+    assert len(keys) > 1
+
+
 # ----------------------------------------------------------------------------- the page, ours
 
 
