@@ -1,13 +1,20 @@
 """A trace's heap after every operation, for `malloc replay --timeline`: recorded in the lab's fresh workers.
 
-After each operation a worker walks the heap and stores only what changed since the step before: one splice
-of the chunk list (where it starts, how many chunks it removes, the chunks it puts there), plus from time to
-time a keyframe, the whole list. A chunk is four integers: its gap (its address minus where the chunk before
-it ended; the first chunk's gap is its address), its size, its state code (`STATES`), and its bin if free,
-else the bytes asked for (-1 when not known). A page steps to operation k by copying the keyframe at or
-before k and applying the splices after it.
+After each operation a worker brings its chunk list up to date and stores only what changed since the step
+before: one splice of the list (where it starts, how many chunks it removes, the chunks it puts there), plus
+from time to time a keyframe, the whole list. A chunk is four integers: its gap (its address minus where the
+chunk before it ended; the first chunk's gap is its address), its size, its state code (`STATES`), and its bin
+if free, else the bytes asked for (-1 when not known). A page steps to operation k by copying the keyframe at
+or before k and applying the splices after it.
 
-Ours is walked with the engine's own `walk()`, its system calls come from `malloc.trace()` with their
+Walking the whole heap after every operation costs as many chunk reads as the heap has chunks, thousands on
+a real trace; so each side walks again only from the chunk before the first one the operation may have
+changed (the block it freed, the one it made, the top if it moved) until, past the chunk after the last, the
+walk meets a chunk where one began before (`chunklist.ChunkList` keeps the list and finds the splice). What
+else an operation may change, each side finds or foresees, and then walks the whole heap (see
+`OursWalker` and `record_glibc`); the tests compare the list with a whole walk after every operation.
+
+Ours is walked with the engine's own `Heap.walk`, its system calls come from `malloc.trace()` with their
 reasons; the C library is given room first, so that the recording's own lists do not move the break.
 
 glibc is walked the way gdb's heap tools walk it: from the replay's first chunk (the stand-in for a fresh
@@ -31,12 +38,16 @@ import time
 from array import array
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..heap import Chunk
+from ..heap import Chunk, Heap
 from .chunklist import ChunkList, words
 from .formats import ALLOC, FREE, REALLOC, Trace
 from .replay import Json, Window, replay
+
+if TYPE_CHECKING:
+    from ..process import ProcessAllocator
+    from .baselines import MallInfo2
 
 # State codes in the recorded chunks, in the heap map's order of states.
 STATES = ("in use", "cached", "free", "top", "foreign", "mapped")
@@ -139,10 +150,10 @@ class OursWalker:
     where one began before; the mapped chunks are listed again when they changed. With more than one heap
     (the break could not grow), every heap is walked whole."""
 
-    def __init__(self, allocator: Any, ops: int) -> None:
+    def __init__(self, allocator: ProcessAllocator, ops: int) -> None:
         self.allocator = allocator
         self.chunks = ChunkList(ops + 8, grow=True)
-        self.heap: Any = None  # the one heap walked in parts, once there is exactly one
+        self.heap: Heap | None = None  # the one heap walked in parts, once there is exactly one
         self.cached: dict[int, int] = {}
         self.mapped: dict[int, tuple[int, int]] = {}
         self.live: dict[int, int] = {}  # block -> bytes asked for, as remember_requests keeps them
@@ -215,7 +226,7 @@ class OursWalker:
             e = rows.n
         return rows.replace(lo, e, heap_rows)
 
-    def _rewalk(self, heap: Any, lo: int, hi: int) -> int:
+    def _rewalk(self, heap: Heap, lo: int, hi: int) -> int:
         """Walk from row lo's chunk until past row hi's, at a chunk where one began before (or to the top);
         returns the old row the walk stopped at (where the old rows it left as they were begin)."""
         rows = self.chunks
@@ -424,7 +435,7 @@ class GlibcWalker:
         rows = self.chunks
         return rows.rows[4 * (rows.heap_rows - 1) + 1] if rows.heap_rows else 0
 
-    def step(self, code: int, old: int, new: int, brk: int, info: Any, mapped: memoryview, n_mapped: int,
+    def step(self, code: int, old: int, new: int, brk: int, info: MallInfo2, mapped: memoryview, n_mapped: int,
              mapped_changed: int, whole: bool, fast_before: bool) -> tuple[int, int, int]:
         """The splice after an operation (`code`) that freed or resized the heap block `old` (or 0) and made
         the heap block `new` (or 0): see `ChunkList.replace`. `whole` walks the whole heap; `fast_before` says
