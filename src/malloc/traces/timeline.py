@@ -382,9 +382,8 @@ def record_glibc(libc: ctypes.CDLL, trace: Trace, settings: Sequence[tuple[int, 
             heap_new = p if p and not new_mapped else 0
             # Did glibc consolidate its fast bins? Only while they held chunks, and only on these paths.
             had_fast = fast > 0
-            nb = _glibc_chunk(size)
-            whole = k == 0 or (had_fast and (
-                code == REALLOC or (code == ALLOC and (nb >= MIN_LARGE or nb + 32 > walker.top_size()))))
+            whole = k == 0 or (had_fast and (code == REALLOC or (code == ALLOC and (
+                (nb := _glibc_chunk(size)) >= MIN_LARGE or nb + 32 > walker.top_size()))))
             fast = info.smblks
             s, removed, inserted = walker.step(code, heap_old, heap_new, brk, info, mapped, n_mapped,
                                                old_mapped or new_mapped, whole, had_fast and code == FREE)
@@ -561,20 +560,21 @@ class GlibcWalker:
 def _read_steps(file: Any, n: int) -> Json:
     """The keyframes and splices `record_glibc` wrote to `file`."""
     file.seek(0)
-    words = array("q")
-    words.frombytes(file.read())
+    raw = array("q")
+    raw.frombytes(file.read())
+    words = raw.tolist()  # one conversion: slicing a list is cheaper than a tolist() per record
     keys: list[list[object]] = []
     splices: list[list[int]] = []
     x = 0
-    while x < len(words):
+    total = len(words)
+    while x < total:
         if words[x] == 0:
-            inserted = words[x + 4]
-            splices.append(words[x + 2:x + 4].tolist() + words[x + 5:x + 5 + 4 * inserted].tolist())
-            x += 5 + 4 * inserted
+            end = x + 5 + 4 * words[x + 4]
+            splices.append([words[x + 2], words[x + 3], *words[x + 5:end]])
         else:
-            count = words[x + 2]
-            keys.append([words[x + 1], words[x + 3:x + 3 + 4 * count].tolist()])
-            x += 3 + 4 * count
+            end = x + 3 + 4 * words[x + 2]
+            keys.append([words[x + 1], words[x + 3:end]])
+        x = end
     if len(splices) != n:
         raise RuntimeError(f"the timeline holds {len(splices)} steps for {n} operations")
     return {"keys": keys, "splices": splices}
