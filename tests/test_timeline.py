@@ -214,6 +214,13 @@ def test_the_chunks_walked_in_parts_are_a_whole_walks_after_every_operation(allo
     """The recording walks again only around what each operation changed; in the worker's check mode it also
     walks the whole heap after every operation and fails at the first difference. Most steps are walked in
     parts (the point of it), and the splices still rebuild every step's list from the keyframes."""
+    # A mapped block resized within its mapping keeps its address and mapping: only its request changes.
+    resized = Trace("resized", 2, ((ALLOC, 0, 200_000), (ALLOC, 1, 100), (REALLOC, 0, 199_999),
+                                   (REALLOC, 0, 200_005), (FREE, 1, 0), (FREE, 0, 0)))
+    write_ops(resized, tmp_path / "resized.ops")
+    result = run_worker(alloc, "timeline-check", tmp_path / "resized.ops")
+    assert "error" not in result, result.get("traceback")
+    assert len(set(result["timeline"]["addr"][i] for i in (0, 2, 3))) == 1  # resized in place
     trace = mixed_trace()
     write_ops(trace, tmp_path / "mixed.ops")
     result = run_worker(alloc, "timeline-check", tmp_path / "mixed.ops")

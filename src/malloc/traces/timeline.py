@@ -180,7 +180,8 @@ class OursWalker:
             changed = cached.keys() ^ was.keys()
         self.cached = cached
         before = self.mapped
-        mapped_changed = mapped != before
+        # A mapped block resized in place keeps its mapping, not its request: list the mapped chunks again.
+        mapped_changed = mapped != before or old in before or new in mapped
         self.mapped = mapped
         if len(heaps) != 1 or heaps[0] is not self.heap:
             self.heap = heaps[0] if len(heaps) == 1 else None
