@@ -347,6 +347,19 @@ def test_walk_covers_the_heap_exactly(heap: malloc.Heap) -> None:
     assert in_use == {blocks[0], blocks[2], blocks[4]}
 
 
+def test_walk_from_a_chunk_is_the_rest_of_the_walk(heap: malloc.Heap) -> None:
+    blocks = [heap.malloc(n) for n in (10, 2000, 300, 5)]
+    heap.free(blocks[1])
+    walked = list(heap.walk())
+    for i, c in enumerate(walked):
+        assert list(heap.walk(c.address)) == walked[i:]
+    first, top = walked[0].address, walked[-1].address
+    for bad in (first - 16, first + 8, top + 16, heap.base):
+        with pytest.raises(ValueError, match=f"{bad:#x} is not a chunk of the heap at {heap.base:#x}"):
+            heap.walk(bad).__next__()
+    assert list(heap.walk()) == walked  # a refused start changed nothing
+
+
 def test_buffer_heap_runs_out_with_memory_error_and_changes_nothing() -> None:
     buf = bytearray(64 * 1024)
     h = malloc.Heap(malloc.BufferRegion(buf))

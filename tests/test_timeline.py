@@ -19,10 +19,11 @@ from test_heapmap import chunk_elements, dump_dom
 import malloc
 from malloc.inspect import heapmap
 from malloc.inspect.timeline_page import op_links
+from malloc.traces.chunklist import ChunkList
 from malloc.traces.formats import ALLOC, FREE, REALLOC, Op, Trace, save
 from malloc.traces.lab import Plan, run_worker
 from malloc.traces.opsfile import write_ops
-from malloc.traces.timeline import decode, encode, splice
+from malloc.traces.timeline import Chunk4, decode, encode
 from malloc.traces.timeline import write_timeline as write_page
 from malloc.traces.worker import RESERVE
 
@@ -157,15 +158,47 @@ def comparable(chunks: list[list[object]]) -> list[tuple[object, ...]]:
 # ----------------------------------------------------------------------------- recording
 
 
-def test_splices_rebuild_every_step() -> None:
+def rebuilt(before: list[Chunk4], spliced: tuple[int, int, int], chunks: ChunkList) -> list[Chunk4]:
+    """`before` with a splice from `ChunkList.replace` applied, as the page applies it."""
+    start, removed, inserted = spliced
+    words = chunks.rows[4 * start:4 * (start + inserted)].tolist()
+    rows = [(words[x], words[x + 1], words[x + 2], words[x + 3]) for x in range(0, len(words), 4)]
+    return before[:start] + rows + before[start + removed:]
+
+
+def listed(chunks: ChunkList) -> list[Chunk4]:
+    words = chunks.rows[:4 * chunks.n].tolist()
+    return [(words[x], words[x + 1], words[x + 2], words[x + 3]) for x in range(0, len(words), 4)]
+
+
+def test_a_replaced_run_makes_the_smallest_splice_that_rebuilds_the_list() -> None:
     a = [malloc.Chunk(0x1000, 32, "in use", -1, 20), malloc.Chunk(0x1020, 64, "free", 4),
-         malloc.Chunk(0x1060, 4000, "top", -1)]
-    b = [a[0], malloc.Chunk(0x1020, 48, "in use", -1, 40), malloc.Chunk(0x1050, 16 + 4000, "top", -1)]
-    before, after = encode(a), encode(b)
-    start, removed, inserted = splice(before, after)
-    assert (start, removed) == (1, 2) and decode(before[:1] + inserted) == b
-    assert decode(before) == a  # a free chunk's request is not kept: -1 either way
-    assert splice(after, after) == (3, 0, [])
+         malloc.Chunk(0x1060, 4000, "top", -1), malloc.Chunk(0x9000, 8192, "mapped", -1, 8000)]
+    chunks = ChunkList(2, grow=True)  # grows as rows come
+    chunks.begin(0)
+    for row, c in zip(encode(a), a, strict=True):
+        chunks.add(c.address, c.size, row[2], row[3])
+    assert chunks.replace(0, 0, 3) == (0, 0, 4) and decode(listed(chunks)) == a
+    assert chunks.index(0x1030) == 1 and chunks.index(0x500) == 0 and chunks.index(0x9010) == 2  # heap rows only
+    # The free chunk is split and the top grows, re-walked from the first chunk: the first row stays, and the
+    # mapped chunk's gap, counted from the top's new end, changes with it.
+    b = [a[0], malloc.Chunk(0x1020, 48, "in use", -1, 40), malloc.Chunk(0x1050, 16 + 8000, "top", -1),
+         malloc.Chunk(0x9000, 8192, "mapped", -1, 8000)]
+    before = listed(chunks)
+    chunks.begin(0)
+    for c in b[:3]:
+        chunks.add(c.address, c.size, encode([c])[0][2], c.request)
+    spliced = chunks.replace(0, 3, 3)
+    assert spliced == (1, 3, 3) and chunks.heap_rows == 3
+    assert decode(rebuilt(before, spliced, chunks)) == decode(listed(chunks)) == b
+    # A run walked again and found as it was: nothing to splice.
+    chunks.begin(1)
+    chunks.add(0x1020, 48, 0, 40)
+    assert chunks.replace(1, 2, 3)[1:] == (0, 0)
+    fixed = ChunkList(1)
+    fixed.add(0x1000, 32, 0, -1)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        fixed.add(0x1020, 32, 0, -1)
 
 
 def test_op_links_pair_each_block_with_the_operations_that_make_and_end_it() -> None:
@@ -174,6 +207,34 @@ def test_op_links_pair_each_block_with_the_operations_that_make_and_end_it() -> 
     made_by, ended_by = op_links(trace)
     assert made_by == [-1, -1, 0, 1, 2, -1, -1]
     assert ended_by == [2, 3, 4, -1, -1, -1, -1]
+
+
+@pytest.mark.parametrize("alloc", ["ours", "glibc"])
+def test_the_chunks_walked_in_parts_are_a_whole_walks_after_every_operation(alloc: str, tmp_path: Path) -> None:
+    """The recording walks again only around what each operation changed; in the worker's check mode it also
+    walks the whole heap after every operation and fails at the first difference. Most steps are walked in
+    parts (the point of it), and the splices still rebuild every step's list from the keyframes."""
+    # A mapped block resized within its mapping keeps its address and mapping: only its request changes.
+    resized = Trace("resized", 2, ((ALLOC, 0, 200_000), (ALLOC, 1, 100), (REALLOC, 0, 199_999),
+                                   (REALLOC, 0, 200_005), (FREE, 1, 0), (FREE, 0, 0)))
+    write_ops(resized, tmp_path / "resized.ops")
+    result = run_worker(alloc, "timeline-check", tmp_path / "resized.ops")
+    assert "error" not in result, result.get("traceback")
+    assert len(set(result["timeline"]["addr"][i] for i in (0, 2, 3))) == 1  # resized in place
+    trace = mixed_trace()
+    write_ops(trace, tmp_path / "mixed.ops")
+    result = run_worker(alloc, "timeline-check", tmp_path / "mixed.ops")
+    assert "error" not in result, result.get("traceback")
+    recording = result["timeline"]
+    if alloc == "glibc":
+        assert 0 < recording["whole"] < trace.num_ops // 10, recording["whole"]
+    keys = dict((k, rows) for k, rows in recording["keys"])
+    rows: list[int] = []
+    for k, (start, removed, *inserted) in enumerate(recording["splices"]):
+        rows[4 * start:4 * (start + removed)] = inserted
+        if k in keys:
+            assert rows == keys[k], f"step {k}"
+    assert len(keys) > 1
 
 
 # ----------------------------------------------------------------------------- the page, ours

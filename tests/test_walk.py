@@ -42,3 +42,19 @@ def test_walk_covers_the_heap_without_gaps() -> None:
     for x in blocks[:1] + blocks[2:]:
         a.free(x)
     a.trim()
+
+
+def test_cached_blocks_are_the_cached_chunks_of_the_walk() -> None:
+    a = ProcessAllocator(Options())
+    blocks = [a.malloc(n) for n in (40, 40, 500, 3000)]
+    assert a.cached_blocks() == {}
+    for x in blocks[:3]:
+        a.free(x)
+    cached = a.cached_blocks()
+    assert cached == {c.address + 16: c.size for c in a.walk() if c.state == "cached"}
+    assert set(cached) == set(blocks[:3]) and cached[blocks[2]] == 512
+    cached.clear()  # a copy: the cache keeps its blocks
+    assert len(a.cached_blocks()) == 3
+    assert a.malloc(40) in blocks[:2] and len(a.cached_blocks()) == 2
+    a.free(blocks[3])
+    a.trim()

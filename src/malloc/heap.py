@@ -879,12 +879,12 @@ class Heap:
             return True
         return not W[w + (size >> 3) + 1] & PREV_INUSE
 
-    def _walk(self) -> Iterator[tuple[int, int, int]]:
-        """(word index, size, size word) of every chunk in address order; HeapCorruption on a bad size."""
+    def _walk(self, w: int = HEAP_WORDS) -> Iterator[tuple[int, int, int]]:
+        """(word index, size, size word) of every chunk in address order, from the chunk at word `w`;
+        HeapCorruption on a bad size."""
         W = self._w
         end = W[H_END]
         top = W[H_TOP]
-        w = HEAP_WORDS
         while True:
             word = W[w + 1]
             size = word & SIZE_MASK
@@ -900,12 +900,21 @@ class Heap:
             yield w, size, word
             w += size >> 3
 
-    def walk(self) -> Iterator[Chunk]:
-        """Every chunk in address order."""
+    def walk(self, start: int | None = None) -> Iterator[Chunk]:
+        """Every chunk in address order; with `start`, from the chunk at that address on (an inspector that
+        follows changes walks again only from a chunk before the change). ValueError if `start` is not a
+        chunk-aligned address among this heap's chunks; a `start` inside a chunk reads a size word from the
+        middle of its block, and the walk raises HeapCorruption or reports chunks that are not there."""
         if not self.region.base:
             raise self._closed()
         W = self._w
-        for w, size, word in self._walk():
+        first = HEAP_WORDS
+        if start is not None:
+            off = start - self.base
+            if off & 15 or not HEAP_WORDS <= off >> 3 <= W[H_TOP]:
+                raise ValueError(f"{start:#x} is not a chunk of the heap at {self.base:#x}")
+            first = off >> 3
+        for w, size, word in self._walk(first):
             if w == W[H_TOP]:
                 state, b = "top", -1
             elif word & FOREIGN:

@@ -854,6 +854,11 @@ class ProcessAllocator:
         with self._settled():
             return {p: length for p, (_m, length) in self._mapped.items()}
 
+    def cached_blocks(self) -> dict[int, int]:
+        """Block address -> chunk size of every block in the fast cache (in use to its heap, free to a caller)."""
+        with self._settled():
+            return self._cached.copy()
+
     def mappings(self) -> dict[int, tuple[int, int]]:
         """Block address -> (mapping address, mapping length) of every mapped chunk; the mapping starts
         before the chunk's header when the block was aligned beyond 16 bytes."""

@@ -139,42 +139,55 @@ def fresh_start(libc: ctypes.CDLL, ops: Sequence[Op], tcache: int) -> None:
     libc.malloc(tcache + libc.mallinfo2().keepcost - CHUNK_OVERHEAD)
 
 
-def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL, samples: list[int] | None,
-                  brk0: int) -> tuple[int, int]:
-    """Replay through glibc sampling its footprint after every operation: break growth since `brk0` plus
-    the sizes of live mapped chunks (IS_MMAPPED in a chunk's size word).
-
-    Returns (peak footprint, times the break moved between two operations); the footprint after operation
-    k goes to samples[k] if `samples` is given (made whole by the caller before glibc was plugged). The
-    break moving outside a trace's call means something else used glibc.
+def glibc_steps(ops: Sequence[Op], table: list[Any],
+                libc: ctypes.CDLL) -> Iterator[tuple[int, int, int, int, int, bool]]:
+    """Replay `ops` through glibc one operation at a time, yielding after each (the block it freed or resized,
+    or 0; the block it made, or 0; the bytes of each if it is a mapped chunk (IS_MMAPPED in its size word),
+    else 0; the break; whether the break moved since the step before, outside a trace's call, which means
+    something else used glibc). Makes nothing from the C library: a timeline's walk runs between the steps.
     """
     malloc, free, realloc, sbrk = libc.malloc, libc.free, libc.realloc, libc.sbrk
     word = ctypes.c_size_t.from_address
     last = sbrk(0)
-    peak = last - brk0
-    mapped = foreign = 0
-    for k, (code, i, n) in enumerate(ops):
-        if sbrk(0) != last:
-            foreign += 1
-        p = table[i]
-        if code != ALLOC and p:
-            w = word(p - 8).value
+    for code, i, n in ops:
+        moved = sbrk(0) != last
+        old = table[i] if code != ALLOC else 0
+        old_mapped = 0
+        if old:
+            w = word(old - 8).value
             if w & IS_MMAPPED:
-                mapped -= w & ~7
+                old_mapped = w & ~7
         if code == ALLOC:
             p = malloc(n)
         elif code == REALLOC:
-            p = realloc(p, n)
+            p = realloc(old, n)
         else:
-            free(p)
+            free(old)
             p = 0
         table[i] = p
+        new_mapped = 0
         if p:
             w = word(p - 8).value
             if w & IS_MMAPPED:
-                mapped += w & ~7
+                new_mapped = w & ~7
         last = sbrk(0)
-        now = last - brk0 + mapped
+        yield old or 0, p or 0, old_mapped, new_mapped, last, moved
+
+
+def glibc_sampled(ops: Sequence[Op], table: list[Any], libc: ctypes.CDLL, samples: list[int] | None,
+                  brk0: int) -> tuple[int, int]:
+    """Replay through glibc sampling its footprint after every operation: break growth since `brk0` plus
+    the sizes of live mapped chunks.
+
+    Returns (peak footprint, times the break moved between two operations); the footprint after operation
+    k goes to samples[k] if `samples` is given (made whole by the caller before glibc was plugged).
+    """
+    peak = libc.sbrk(0) - brk0
+    mapped = foreign = 0
+    for k, (_, _, old_mapped, new_mapped, brk, moved) in enumerate(glibc_steps(ops, table, libc)):
+        foreign += moved
+        mapped += new_mapped - old_mapped
+        now = brk - brk0 + mapped
         if now > peak:
             peak = now
         if samples is not None:

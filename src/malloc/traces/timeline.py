@@ -1,13 +1,20 @@
 """A trace's heap after every operation, for `malloc replay --timeline`: recorded in the lab's fresh workers.
 
-After each operation a worker walks the heap and stores only what changed since the step before: one splice
-of the chunk list (where it starts, how many chunks it removes, the chunks it puts there), plus from time to
-time a keyframe, the whole list. A chunk is four integers: its gap (its address minus where the chunk before
-it ended; the first chunk's gap is its address), its size, its state code (`STATES`), and its bin if free,
-else the bytes asked for (-1 when not known). A page steps to operation k by copying the keyframe at or
-before k and applying the splices after it.
+After each operation a worker brings its chunk list up to date and stores only what changed since the step
+before: one splice of the list (where it starts, how many chunks it removes, the chunks it puts there), plus
+from time to time a keyframe, the whole list. A chunk is four integers: its gap (its address minus where the
+chunk before it ended; the first chunk's gap is its address), its size, its state code (`STATES`), and its bin
+if free, else the bytes asked for (-1 when not known). A page steps to operation k by copying the keyframe at
+or before k and applying the splices after it.
 
-Ours is walked with the engine's own `walk()`, its system calls come from `malloc.trace()` with their
+Walking the whole heap after every operation costs as many chunk reads as the heap has chunks, thousands on
+a real trace; so each side walks again only from the chunk before the first one the operation may have
+changed (the block it freed, the one it made, the top if it moved) until, past the chunk after the last, the
+walk meets a chunk where one began before (`chunklist.ChunkList` keeps the list and finds the splice). What
+else an operation may change, each side finds or foresees, and then walks the whole heap (see
+`OursWalker` and `record_glibc`); the tests compare the list with a whole walk after every operation.
+
+Ours is walked with the engine's own `Heap.walk`, its system calls come from `malloc.trace()` with their
 reasons; the C library is given room first, so that the recording's own lists do not move the break.
 
 glibc is walked the way gdb's heap tools walk it: from the replay's first chunk (the stand-in for a fresh
@@ -29,19 +36,23 @@ import re
 import tempfile
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..heap import Chunk
+from ..heap import Chunk, Heap
+from .chunklist import ChunkList, words
 from .formats import ALLOC, FREE, REALLOC, Trace
 from .replay import Json, Window, replay
+
+if TYPE_CHECKING:
+    from ..process import ProcessAllocator
+    from .baselines import MallInfo2
 
 # State codes in the recorded chunks, in the heap map's order of states.
 STATES = ("in use", "cached", "free", "top", "foreign", "mapped")
 CODE = {state: i for i, state in enumerate(STATES)}
 IN_USE, CACHED, FREE_CHUNK, TOP, FOREIGN, MAPPED = range(len(STATES))
-KEY_EVERY = 1000  # the most splices a page applies to reach a step from its keyframe
 HEADER = 16  # a block starts 16 bytes after its chunk, in glibc and ours alike
 IS_MMAPPED = 2
 PREV_INUSE = 1
@@ -75,62 +86,16 @@ def decode(rows: Sequence[Chunk4]) -> list[Chunk]:
     return out
 
 
-def splice(before: Sequence[Chunk4], after: Sequence[Chunk4]) -> tuple[int, int, list[Chunk4]]:
-    """(start, count removed, chunks inserted) that turn `before` into `after`: what lies between their
-    longest common beginning and end."""
-    n, m = len(before), len(after)
-    limit = min(n, m)
-    i = 0
-    while i < limit and before[i] == after[i]:
-        i += 1
-    j = 0
-    while j < limit - i and before[n - 1 - j] == after[m - 1 - j]:
-        j += 1
-    return i, n - i - j, list(after[i:m - j])
-
-
-class Steps:
-    """The chunk lists of consecutive steps, kept as keyframes and splices.
-
-    A keyframe is taken at step 0, and later whenever the splices since the last keyframe hold as many chunks
-    as the list itself (so keyframes at most double the size) or KEY_EVERY steps have passed (so a page never
-    applies more than that many splices to reach a step).
-    """
-
-    def __init__(self) -> None:
-        self.keys: list[tuple[int, list[Chunk4]]] = []
-        self.splices: list[tuple[int, int, list[Chunk4]]] = []
-        self.last: list[Chunk4] = []
-        self.since = 0  # chunks inserted since the last keyframe
-
-    def add(self, chunks: list[Chunk4]) -> None:
-        step = len(self.splices)
-        start, removed, inserted = splice(self.last, chunks)
-        self.splices.append((start, removed, inserted))
-        self.since += len(inserted) + 1
-        if not self.keys or self.since >= len(chunks) or step - self.keys[-1][0] >= KEY_EVERY:
-            self.keys.append((step, chunks))
-            self.since = 0
-        self.last = chunks
-
-    def to_json(self) -> Json:
-        return {"keys": [[k, _flat(rows)] for k, rows in self.keys],
-                "splices": [[start, removed, *_flat(rows)] for start, removed, rows in self.splices]}
-
-
-def _flat(rows: Iterable[Chunk4]) -> list[int]:
-    return [x for row in rows for x in row]
-
-
 # ----------------------------------------------------------------------------- ours
 
 
-def record_ours(trace: Trace, settings: Sequence[tuple[int, int]], table: list[Any]) -> Json:
+def record_ours(trace: Trace, settings: Sequence[tuple[int, int]], table: list[Any], check: bool = False) -> Json:
     """Replay `trace` through this process's allocator, walking its heap after every operation.
 
     Returns {"timeline": recording}: the steps ("keys", "splices"), "addr" (the block each operation made,
     or freed), "footprint" (bytes held from the OS after each), "calls" ([step, [[text, reason], ...]] for
-    the steps that made system calls) and "heaps" ([base, label] of every heap).
+    the steps that made system calls) and "heaps" ([base, label] of every heap). With `check`, the chunk list
+    is compared with the engine's own `walk()` after every operation (RuntimeError at the first difference).
     """
     import malloc
 
@@ -145,22 +110,163 @@ def record_ours(trace: Trace, settings: Sequence[tuple[int, int]], table: list[A
     n = trace.num_ops
     addr = [0] * n
     footprint = [0] * n
-    steps = Steps()
+    keys: list[list[object]] = []
+    splices: list[list[int]] = []
     calls_by_step: list[list[object]] = []
+    walker = OursWalker(allocator, trace.num_ops)
+    rows = walker.chunks
     with malloc.trace() as calls:
         for k, op in enumerate(trace.ops):
-            i = op[1]
-            old = table[i]
+            code, i, size = op
+            old = table[i] if code != ALLOC else 0
             seen = len(calls)
             replay((op,), table, *api)
-            addr[k] = table[i] or old  # a free's (or a realloc to 0's) is the block it freed
-            steps.add(encode(allocator.walk()))  # first: a walk finishes the work an operation deferred
+            new = table[i]
+            addr[k] = new or old  # a free's (or a realloc to 0's) is the block it freed
+            start, removed, inserted = walker.step(code, old, new, size)  # first: it finishes deferred work
             footprint[k] = allocator.system_current
             if len(calls) > seen:
                 calls_by_step.append([k, [[e.text(), e.reason] for e in calls[seen:]]])
+            splices.append([start, removed, *rows.rows[4 * start:4 * (start + inserted)].tolist()])
+            if rows.key_due(k, inserted):
+                keys.append([k, rows.rows[:4 * rows.n].tolist()])
+            if check:
+                truth = _flat(encode(allocator.walk()))
+                if rows.rows[:4 * rows.n].tolist() != truth:
+                    raise RuntimeError(f"op {k}: the recorded chunks differ from walk()'s")
     heaps = [[h.base, f"heap {j} ({h.region.kind})"] for j, h in enumerate(allocator.heaps)]
-    return {"timeline": {**steps.to_json(), "addr": addr, "footprint": footprint, "calls": calls_by_step,
-                         "heaps": heaps}}
+    return {"timeline": {"keys": keys, "splices": splices, "addr": addr, "footprint": footprint,
+                         "calls": calls_by_step, "heaps": heaps}}
+
+
+def _flat(rows: Iterable[Chunk4]) -> list[int]:
+    return [x for row in rows for x in row]
+
+
+class OursWalker:
+    """Our allocator's chunks after every operation, walked again only around what the operation changed:
+    the chunks of the block it freed and the one it made, of the blocks that entered or left the fast cache,
+    and the top if it moved, each with its neighbours (which a free merges with), until the walk meets a chunk
+    where one began before; the mapped chunks are listed again when they changed. With more than one heap
+    (the break could not grow), every heap is walked whole."""
+
+    def __init__(self, allocator: ProcessAllocator, ops: int) -> None:
+        self.allocator = allocator
+        self.chunks = ChunkList(ops + 8, grow=True)
+        self.heap: Heap | None = None  # the one heap walked in parts, once there is exactly one
+        self.cached: dict[int, int] = {}
+        self.mapped: dict[int, tuple[int, int]] = {}
+        self.live: dict[int, int] = {}  # block -> bytes asked for, as remember_requests keeps them
+
+    def step(self, code: int, old: int, new: int, size: int) -> tuple[int, int, int]:
+        """The splice after an operation (`code`) that freed or resized block `old` (or 0) and made `new` (or
+        0), of `size` bytes: see `ChunkList.replace`."""
+        allocator, rows = self.allocator, self.chunks
+        cached = allocator.cached_blocks()  # first: what the operation deferred is done
+        mapped = allocator.mappings()
+        heaps = allocator.heaps
+        if old:
+            self.live.pop(old, None)
+        if new:
+            self.live[new] = size
+        was = self.cached
+        # A malloc only takes from the cache (its own block, or the blocks it gives back to the heap before
+        # going to the OS), a free only adds its own: unless the count says otherwise, only theirs changed.
+        if code == ALLOC and len(cached) == len(was) - (new in was):
+            changed: Collection[int] = (new,) if new in was else ()
+        elif code == FREE and len(cached) == len(was) + (old in cached):
+            changed = (old,) if old in cached else ()
+        else:
+            changed = cached.keys() ^ was.keys()
+        self.cached = cached
+        before = self.mapped
+        # A mapped block resized in place keeps its mapping, not its request: list the mapped chunks again.
+        mapped_changed = mapped != before or old in before or new in mapped
+        self.mapped = mapped
+        if len(heaps) != 1 or heaps[0] is not self.heap:
+            self.heap = heaps[0] if len(heaps) == 1 else None
+            rows.begin(0)
+            for heap in sorted(heaps, key=lambda h: h.base):
+                self._add(heap.walk())
+            heap_rows = rows.m
+            self._add_mapped()
+            return rows.replace(0, rows.n, heap_rows)
+        heap = self.heap
+        h = rows.heap_rows
+        top_size = heap.top_size
+        top_moved = heap.end - top_size != rows.addr[h - 1] or top_size != rows.rows[4 * (h - 1) + 1]
+        if not top_moved and not mapped_changed and len(changed) == 1:
+            (p,) = changed
+            if (not new and p == old and p in cached) or (not old and p == new and p in was):
+                # A free into the fast cache, or a malloc from it: the heap did not change, the chunk's state did.
+                i = rows.index(p - HEADER)
+                rows.begin(i)
+                rows.add(p - HEADER, rows.rows[4 * i + 1], *((CACHED, -1) if p in cached else (IN_USE, size)))
+                return rows.replace(i, i + 1, h)
+        lo, hi = h, -1
+        for p in (old, new, *changed):
+            if p and p not in mapped and p not in before:  # a heap block's
+                i = rows.index(p - HEADER)
+                lo, hi = min(lo, i), max(hi, i)
+        if top_moved:
+            lo, hi = min(lo, h - 1), h - 1
+        if hi >= 0:
+            lo, hi = max(0, lo - 1), min(h - 1, hi + 1)
+            rows.begin(lo)
+            e = self._rewalk(heap, lo, hi)
+            heap_rows = h - (e - lo) + rows.m
+        else:
+            lo = e = h
+            rows.begin(h)
+            heap_rows = h
+        if mapped_changed:
+            for j in range(e, h):  # unchanged heap rows between the walk and the mapped chunks
+                x = 4 * j
+                rows.add(rows.addr[j], rows.rows[x + 1], rows.rows[x + 2], rows.rows[x + 3])
+            self._add_mapped()
+            e = rows.n
+        return rows.replace(lo, e, heap_rows)
+
+    def _rewalk(self, heap: Heap, lo: int, hi: int) -> int:
+        """Walk from row lo's chunk until past row hi's, at a chunk where one began before (or to the top);
+        returns the old row the walk stopped at (where the old rows it left as they were begin)."""
+        rows = self.chunks
+        h = rows.heap_rows
+        addr = rows.addr
+        stop = rows.end_of(hi)
+        j = lo
+        for c in heap.walk(addr[lo]):
+            self._add_one(c)
+            if c.state == "top":
+                return h
+            end = c.address + c.size
+            if end >= stop:
+                while j < h and addr[j] < end:
+                    j += 1
+                if j < h and addr[j] == end:
+                    return j
+        return h
+
+    def _add(self, chunks: Iterable[Chunk]) -> None:
+        for c in chunks:
+            self._add_one(c)
+
+    def _add_one(self, c: Chunk) -> None:
+        state = c.state
+        if state == "in use":
+            p = c.address + HEADER
+            if p in self.cached:
+                self.chunks.add(c.address, c.size, CACHED, -1)
+            else:
+                self.chunks.add(c.address, c.size, IN_USE, self.live.get(p, -1))
+        elif state == "free":
+            self.chunks.add(c.address, c.size, FREE_CHUNK, c.bin)
+        else:
+            self.chunks.add(c.address, c.size, CODE[state], -1)
+
+    def _add_mapped(self) -> None:
+        for p, (m, length) in sorted(self.mapped.items()):
+            self.chunks.add(p - HEADER, length - (p - HEADER - m), MAPPED, self.live.get(p, -1))
 
 
 def _pin_glibc(libc: ctypes.CDLL, pad: int = 64 << 20) -> None:
@@ -193,185 +299,283 @@ def glibc_bin(size: int) -> int:
 
 
 class Buffers:
-    """Everything glibc's recorded replay writes into, made before glibc's heap is prepared: two chunk lists
-    (4 words a chunk) swapped at every step, the output words (flushed to a file when full), the mapped
-    blocks in address order, and per operation its block, footprint and time."""
+    """Everything glibc's recorded replay writes into, made before glibc's heap is prepared: the chunk list,
+    the output words (flushed to a file when full), the mapped blocks in address order, per operation its
+    block, footprint and time, and a view of the process's memory as words, to read chunk headers by."""
 
     OUT_WORDS = 1 << 16
 
     def __init__(self, trace: Trace) -> None:
         makes = sum(1 for code, _, _ in trace.ops if code != FREE)
-        self.capacity = makes + 4  # a chunk is made by a split: never more chunks than allocations, plus top
-        self.lists = [_words(4 * self.capacity), _words(4 * self.capacity)]
-        self.out = _words(self.OUT_WORDS)
-        self.mapped = _words(makes + 1)
-        self.addr = _words(trace.num_ops)
-        self.footprint = _words(trace.num_ops)
+        # A chunk is made by a split or a mapping: never more chunks than allocations, plus the top.
+        self.chunks = ChunkList(makes + 4)
+        self.out = words(self.OUT_WORDS)
+        self.mapped = words(makes + 1)
+        self.addr = words(trace.num_ops)
+        self.footprint = words(trace.num_ops)
         self.times = memoryview(bytearray(8 * max(1, trace.num_ops))).cast("d")
+        self.memory = memoryview((ctypes.c_char * (1 << 47)).from_address(0)).cast("B").cast("Q")
         # Opened now, read and closed by record_glibc once the replay is over.
         self.file = tempfile.TemporaryFile(prefix="malloc-timeline-")  # noqa: SIM115
 
 
-def _words(n: int) -> memoryview:
-    return memoryview(bytearray(8 * max(1, n))).cast("q")
+MIN_LARGE = 1024  # glibc's smallest large-bin chunk: a request for one consolidates the fast bins first
+CONSOLIDATE_AT = 64 << 10  # a free that leaves a free chunk this large consolidates the fast bins
 
 
 def record_glibc(libc: ctypes.CDLL, trace: Trace, settings: Sequence[tuple[int, int]], table: list[Any],
-                 tcache: int, buffers: Buffers, window: Window = contextlib.nullcontext) -> Json:
+                 tcache: int, buffers: Buffers, window: Window = contextlib.nullcontext,
+                 check: bool = False) -> Json:
     """Replay `trace` through glibc (prepared as for `baselines.measure_glibc`), walking its heap after every
     operation into `buffers`; the recording as `record_ours` returns it, with "times" (when each operation
-    ended, for `add_strace`), "start" (the replay's first chunk) and "brk0" (the break before the replay)
-    instead of "calls" and "heaps"."""
-    from .baselines import fresh_start
+    ended, for `add_strace`), "start" (the replay's first chunk), "brk0" (the break before the replay) and
+    "whole" (how many steps walked the whole heap) instead of "calls" and "heaps".
+
+    After most operations only the chunks around the blocks it took and made, and the top if it moved, are
+    walked again (with their neighbours, until the walk meets a chunk where one began before). glibc also
+    changes chunks elsewhere: consolidating its fast bins (which a large request, a request the top cannot
+    serve, a realloc, or a free leaving 64 KiB free may do while they hold chunks) and moving free chunks of
+    a requested size into its tcache; the first is foreseen, the second shows in mallinfo2's count and bytes
+    of free chunks differing from the list's, and either way the heap is walked whole. With `check`, it is
+    walked whole after every operation too, and compared (RuntimeError at the first difference).
+    """
+    from .baselines import fresh_start, glibc_steps
 
     for param, value in settings:
         if libc.mallopt(param, value) != 1:
             raise ValueError(f"glibc's mallopt refused parameter {param} = {value}")
-    malloc, free, realloc, sbrk = libc.malloc, libc.free, libc.realloc, libc.sbrk
-    word = ctypes.c_size_t.from_address
+    sbrk, mallinfo2 = libc.sbrk, libc.mallinfo2
     brk0 = sbrk(0)
-    start = brk0 - libc.mallinfo2().keepcost  # the top chunk ends at the break: the stand-in is made there
+    start = brk0 - mallinfo2().keepcost  # the top chunk ends at the break: the stand-in is made there
     b = buffers
-    lists, out, mapped, addr, footprint, times = b.lists, b.out, b.mapped, b.addr, b.footprint, b.times
+    rows, out, mapped, addr, footprint, times = b.chunks, b.out, b.mapped, b.addr, b.footprint, b.times
+    walker = GlibcWalker(rows, b.memory, start)
     fd = b.file.fileno()
-    previous = 0  # chunks in lists[0], the last step's
     used = 0  # words in `out`
     n_mapped = mapped_bytes = foreign = 0
-    since = 0
-    last_key = 0
+    fast = 0  # chunks in glibc's fast bins before the operation
     with window():
         begun = time.time()
         fresh_start(libc, trace.ops, tcache)
-        last = sbrk(0)
-        for k, (code, i, n) in enumerate(trace.ops):
-            if sbrk(0) != last:
-                foreign += 1
-            p = table[i]
-            if code != ALLOC and p:
-                w = word(p - 8).value
-                if w & IS_MMAPPED:
-                    mapped_bytes -= w & ~7
-                    j = 0
-                    while mapped[j] != p:
-                        j += 1
-                    mapped[j:n_mapped - 1] = mapped[j + 1:n_mapped]
-                    n_mapped -= 1
-            if code == ALLOC:
-                p = malloc(n)
-            elif code == REALLOC:
-                p = realloc(p, n)
-            else:
-                free(p)
-                p = 0
-            addr[k] = p or table[i]  # a free's (or a realloc to 0's) is the block it freed
-            table[i] = p
+        for k, (old, p, old_mapped, new_mapped, brk, moved) in enumerate(glibc_steps(trace.ops, table, libc)):
             times[k] = time.time()
-            if p:
-                w = word(p - 8).value
-                if w & IS_MMAPPED:
-                    mapped_bytes += w & ~7
-                    j = n_mapped
-                    while j and mapped[j - 1] > p:
-                        j -= 1
-                    mapped[j + 1:n_mapped + 1] = mapped[j:n_mapped]
-                    mapped[j] = p
-                    n_mapped += 1
-            last = sbrk(0)
-            footprint[k] = last - brk0 + mapped_bytes
-            # Walk: the heap from the replay's first chunk to the top, then the mapped chunks.
-            cur = lists[1]
-            count = 0
-            a = start
-            end = 0
-            while True:
-                size = word(a + 8).value & ~7
-                if size < 16 or a + size > last:
-                    raise RuntimeError(f"op {k}: glibc's chunk at {a:#x} ({size} bytes) does not end by the "
-                                       f"break {last:#x}")
-                if a + size == last:
-                    state, extra = TOP, -1
-                elif word(a + size + 8).value & PREV_INUSE:
-                    state, extra = IN_USE, -1
-                else:
-                    state, extra = FREE_CHUNK, glibc_bin(size)
-                x = 4 * count
-                cur[x] = a - end
-                cur[x + 1] = size
-                cur[x + 2] = state
-                cur[x + 3] = extra
-                count += 1
-                end = a + size
-                a = end
-                if state == TOP:
-                    break
-            for j in range(n_mapped):
-                a = mapped[j] - HEADER
-                x = 4 * count
-                cur[x] = a - end
-                cur[x + 1] = size = word(a + 8).value & ~7
-                cur[x + 2] = MAPPED
-                cur[x + 3] = -1
-                count += 1
-                end = a + size
-            # The splice from the step before, into `out`: [k, start, removed, inserted, chunk words...].
-            before = lists[0]
-            limit = min(previous, count)
-            s = 0
-            while s < limit and _same(before, 4 * s, cur, 4 * s):
-                s += 1
-            t = 0
-            while t < limit - s and _same(before, 4 * (previous - 1 - t), cur, 4 * (count - 1 - t)):
-                t += 1
-            inserted = count - s - t
-            need = 5 + 4 * inserted + 3 + 4 * count
+            foreign += moved
+            addr[k] = p or old  # a free's (or a realloc to 0's) is the block it freed
+            if old_mapped:
+                mapped_bytes -= old_mapped
+                j = 0
+                while mapped[j] != old:
+                    j += 1
+                mapped[j:n_mapped - 1] = mapped[j + 1:n_mapped]
+                n_mapped -= 1
+            if new_mapped:
+                mapped_bytes += new_mapped
+                j = n_mapped
+                while j and mapped[j - 1] > p:
+                    j -= 1
+                mapped[j + 1:n_mapped + 1] = mapped[j:n_mapped]
+                mapped[j] = p
+                n_mapped += 1
+            footprint[k] = brk - brk0 + mapped_bytes
+            info = mallinfo2()
+            code, _, size = trace.ops[k]
+            heap_old = old if old and not old_mapped else 0
+            heap_new = p if p and not new_mapped else 0
+            # Did glibc consolidate its fast bins? Only while they held chunks, and only on these paths.
+            had_fast = fast > 0
+            whole = k == 0 or (had_fast and (code == REALLOC or (code == ALLOC and (
+                (nb := _glibc_chunk(size)) >= MIN_LARGE or nb + 32 > walker.top_size()))))
+            fast = info.smblks
+            s, removed, inserted = walker.step(code, heap_old, heap_new, brk, info, mapped, n_mapped,
+                                               old_mapped or new_mapped, whole, had_fast and code == FREE)
+            if check:
+                walker.check(k, brk, mapped, n_mapped)
+            need = 5 + 4 * inserted + 3 + 4 * rows.n
             if used + need > len(out):
                 os.write(fd, out[:used])
                 used = 0
                 if need > len(out):
-                    raise RuntimeError(f"op {k}: {count} chunks do not fit the timeline's buffer")
-            out[used:used + 5] = array("q", (0, k, s, previous - s - t, inserted))
-            out[used + 5:used + 5 + 4 * inserted] = cur[4 * s:4 * (s + inserted)]
+                    raise RuntimeError(f"op {k}: {rows.n} chunks do not fit the timeline's buffer")
+            out[used:used + 5] = array("q", (0, k, s, removed, inserted))
+            out[used + 5:used + 5 + 4 * inserted] = rows.rows[4 * s:4 * (s + inserted)]
             used += 5 + 4 * inserted
-            since += inserted + 1
-            if k == 0 or since >= count or k - last_key >= KEY_EVERY:
-                out[used:used + 3] = array("q", (1, k, count))
-                out[used + 3:used + 3 + 4 * count] = cur[:4 * count]
-                used += 3 + 4 * count
-                since = 0
-                last_key = k
-            lists[0], lists[1] = cur, before
-            previous = count
+            if rows.key_due(k, inserted):
+                out[used:used + 3] = array("q", (1, k, rows.n))
+                out[used + 3:used + 3 + 4 * rows.n] = rows.rows[:4 * rows.n]
+                used += 3 + 4 * rows.n
     os.write(fd, out[:used])
     with b.file:
         steps = _read_steps(b.file, trace.num_ops)
     return {"timeline": {**steps, "addr": addr.tolist(),
                          "footprint": footprint.tolist(), "times": [begun, *times.tolist()], "start": start,
-                         "brk0": brk0},
+                         "brk0": brk0, "whole": walker.whole},
             "foreign_brk_moves": foreign}
 
 
-def _same(a: memoryview, x: int, b: memoryview, y: int) -> bool:
-    """Whether the chunk at word x of `a` equals the one at word y of `b` (no slice objects: no copies)."""
-    return a[x] == b[y] and a[x + 1] == b[y + 1] and a[x + 2] == b[y + 2] and a[x + 3] == b[y + 3]
+def _glibc_chunk(n: int) -> int:
+    """glibc's chunk size for a request of n bytes (request2size on 64-bit)."""
+    return max(32, (n + 8 + 15) & ~15)
+
+
+class GlibcWalker:
+    """glibc's chunks after every operation (see `record_glibc`), read from the process's memory by the chunk
+    headers, from the replay's first chunk to the top, then its mapped chunks."""
+
+    def __init__(self, chunks: ChunkList, memory: memoryview, start: int) -> None:
+        self.chunks = chunks
+        self.memory = memory
+        self.start = start
+        self.whole = 0  # steps that walked the whole heap
+        # mallinfo2's count and bytes of free chunks less the list's, as of the last whole walk: glibc's bins
+        # also hold chunks below the replay's first one, which the interpreter freed before it.
+        self.count_off = self.bytes_off = 0
+        self.free_count = self.free_bytes = 0  # the list's free chunks
+
+    def top_size(self) -> int:
+        rows = self.chunks
+        return rows.rows[4 * (rows.heap_rows - 1) + 1] if rows.heap_rows else 0
+
+    def step(self, code: int, old: int, new: int, brk: int, info: MallInfo2, mapped: memoryview, n_mapped: int,
+             mapped_changed: int, whole: bool, fast_before: bool) -> tuple[int, int, int]:
+        """The splice after an operation (`code`) that freed or resized the heap block `old` (or 0) and made
+        the heap block `new` (or 0): see `ChunkList.replace`. `whole` walks the whole heap; `fast_before` says
+        that the fast bins held chunks before this free, which consolidates them if it leaves a large free
+        chunk."""
+        rows = self.chunks
+        h = rows.heap_rows
+        count = info.ordblks - 1
+        free_bytes = info.fordblks - info.fsmblks - info.keepcost
+        if not whole and h:
+            top_size = info.keepcost
+            top_moved = brk - top_size != rows.addr[h - 1] or top_size != rows.rows[4 * (h - 1) + 1]
+            if not top_moved and not mapped_changed and code != REALLOC \
+                    and self.free_count + self.count_off == count and self.free_bytes + self.bytes_off == free_bytes:
+                # The free chunks and the top are as they were: a free into the tcache or a fast bin, or a
+                # malloc from them, which a walk does not see (their chunks read as in use).
+                rows.begin(h)
+                return rows.replace(h, h, h)
+            lo, hi = h, -1
+            for p in (old, new):
+                if p:
+                    i = rows.index(p - HEADER)
+                    lo, hi = min(lo, i), max(hi, i)
+            if top_moved:
+                lo, hi = min(lo, h - 1), h - 1
+            if hi >= 0:
+                lo, hi = max(0, lo - 1), min(h - 1, hi + 1)
+                e, n_free, bytes_free = self._rewalk(lo, hi, brk)
+                for j in range(lo, e):
+                    x = 4 * j
+                    if rows.rows[x + 2] == FREE_CHUNK:
+                        n_free -= 1
+                        bytes_free -= rows.rows[x + 1]
+            else:
+                lo = e = h
+                rows.begin(h)
+                n_free = bytes_free = 0
+            heap_rows = h - (e - lo) + rows.m
+            whole = (self.free_count + n_free + self.count_off != count
+                     or self.free_bytes + bytes_free + self.bytes_off != free_bytes
+                     or (fast_before and old != 0 and self._large_free(old - HEADER)))
+        if whole:
+            self.whole += 1
+            lo, e = 0, rows.n
+            rows.begin(0)
+            _, n_free, bytes_free = self._walk(self.start, 0, 0, -1, brk)
+            heap_rows = rows.m
+            self.free_count = self.free_bytes = 0
+            self.count_off, self.bytes_off = count - n_free, free_bytes - bytes_free
+            self._add_mapped(mapped, n_mapped)
+        elif mapped_changed:
+            for j in range(e, h):  # unchanged heap rows between the walk and the mapped chunks
+                x = 4 * j
+                rows.add(rows.addr[j], rows.rows[x + 1], rows.rows[x + 2], rows.rows[x + 3])
+            self._add_mapped(mapped, n_mapped)
+            e = rows.n
+        self.free_count += n_free
+        self.free_bytes += bytes_free
+        return rows.replace(lo, e, heap_rows)
+
+    def _large_free(self, a: int) -> bool:
+        """Whether the chunk the re-walk found holding address `a` is free (or the top) and large enough for
+        glibc's free to have consolidated the fast bins."""
+        rows = self.chunks
+        for x in range(0, 4 * rows.m, 4):
+            address = rows.new_addr[x >> 2]
+            size = rows.new_rows[x + 1]
+            if address <= a < address + size:
+                return rows.new_rows[x + 2] in (FREE_CHUNK, TOP) and size >= CONSOLIDATE_AT
+        return True
+
+    def _rewalk(self, lo: int, hi: int, brk: int) -> tuple[int, int, int]:
+        rows = self.chunks
+        rows.begin(lo)
+        return self._walk(rows.addr[lo], lo, rows.end_of(hi), lo, brk)
+
+    def _walk(self, a: int, lo: int, stop: int, j: int, brk: int) -> tuple[int, int, int]:
+        """Add the chunks from address `a` until one ends at or past `stop` where an old row (from row j on)
+        begins, or to the top (j = -1: to the top); returns (the old row it stopped at, free chunks and their
+        bytes added)."""
+        rows = self.chunks
+        mem = self.memory
+        h = rows.heap_rows
+        addr = rows.addr
+        n_free = bytes_free = 0
+        while True:
+            size = mem[(a >> 3) + 1] & ~7
+            if size < 16 or a + size > brk:
+                raise RuntimeError(f"glibc's chunk at {a:#x} ({size} bytes) does not end by the break {brk:#x}")
+            end = a + size
+            if end == brk:
+                rows.add(a, size, TOP, -1)
+                return h, n_free, bytes_free
+            if mem[(end >> 3) + 1] & PREV_INUSE:
+                rows.add(a, size, IN_USE, -1)
+            else:
+                rows.add(a, size, FREE_CHUNK, glibc_bin(size))
+                n_free += 1
+                bytes_free += size
+            if j >= 0 and end >= stop:
+                while j < h and addr[j] < end:
+                    j += 1
+                if j < h and addr[j] == end:
+                    return j, n_free, bytes_free
+            a = end
+
+    def _add_mapped(self, mapped: memoryview, n_mapped: int) -> None:
+        mem = self.memory
+        for j in range(n_mapped):
+            a = mapped[j] - HEADER
+            self.chunks.add(a, mem[(a >> 3) + 1] & ~7, MAPPED, -1)
+
+    def check(self, k: int, brk: int, mapped: memoryview, n_mapped: int) -> None:
+        """RuntimeError unless the list is what a whole walk finds now."""
+        rows = self.chunks
+        rows.begin(0)
+        self._walk(self.start, 0, 0, -1, brk)
+        self._add_mapped(mapped, n_mapped)
+        if rows.m != rows.n or rows.new_rows[:4 * rows.m] != rows.rows[:4 * rows.n]:
+            raise RuntimeError(f"op {k}: glibc's recorded chunks differ from a whole walk")
 
 
 def _read_steps(file: Any, n: int) -> Json:
     """The keyframes and splices `record_glibc` wrote to `file`."""
     file.seek(0)
-    words = array("q")
-    words.frombytes(file.read())
+    raw = array("q")
+    raw.frombytes(file.read())
+    words = raw.tolist()  # one conversion: slicing a list is cheaper than a tolist() per record
     keys: list[list[object]] = []
     splices: list[list[int]] = []
     x = 0
-    while x < len(words):
+    total = len(words)
+    while x < total:
         if words[x] == 0:
-            inserted = words[x + 4]
-            splices.append(words[x + 2:x + 4].tolist() + words[x + 5:x + 5 + 4 * inserted].tolist())
-            x += 5 + 4 * inserted
+            end = x + 5 + 4 * words[x + 4]
+            splices.append([words[x + 2], words[x + 3], *words[x + 5:end]])
         else:
-            count = words[x + 2]
-            keys.append([words[x + 1], words[x + 3:x + 3 + 4 * count].tolist()])
-            x += 3 + 4 * count
+            end = x + 3 + 4 * words[x + 2]
+            keys.append([words[x + 1], words[x + 3:end]])
+        x = end
     if len(splices) != n:
         raise RuntimeError(f"the timeline holds {len(splices)} steps for {n} operations")
     return {"keys": keys, "splices": splices}

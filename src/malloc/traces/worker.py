@@ -3,7 +3,8 @@
 TRACE is a trace file, or the lab's binary form of one (`malloc.traces.opsfile`, which a worker reads
 without disturbing glibc's heap). ALLOC is ours, glibc or mpheap; MODE is time (the timed loop),
 footprint (sampled after every operation; --series keeps every sample), verify or timeline (the heap after
-every operation, ours or glibc: see `malloc.traces.timeline`).
+every operation, ours or glibc: see `malloc.traces.timeline`; timeline-check also compares the recorded chunks
+with a whole walk after every operation, slowly, for the tests).
 The result is one line of JSON on standard output, also when the replay fails (then with "error" and
 "traceback"); the exit status is 1 then. The lab (`malloc.traces.lab`) starts these; they are not meant to
 be run by hand, except to debug one.
@@ -37,7 +38,7 @@ from .replay import Json, Window, measure_ours
 from .settings import parse_setting
 
 ALLOCATORS = ("ours", "glibc", "mpheap")
-MODES = ("time", "footprint", "verify", "timeline")
+MODES = ("time", "footprint", "verify", "timeline", "timeline-check")
 
 # How the lab starts a worker: `python -c START ALLOC MODE TRACE [options]`. Before anything else is
 # imported it gives glibc 4 MiB of free heap (64 blocks of 64 KiB, under the mmap threshold, freed behind a
@@ -69,7 +70,8 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     trace = read_ops(path) if is_ops_file(path) else load(path)
     pairs = [(s.param, s.value) for s in map(parse_setting, settings)]
     # before the plug: starting strace allocates
-    tracer = SelfTrace(strace_log, timestamps=mode == "timeline") if strace_log else None
+    timeline_mode = mode.startswith("timeline")
+    tracer = SelfTrace(strace_log, timestamps=timeline_mode) if strace_log else None
     window: Window = tracer.window if tracer else contextlib.nullcontext
     result: Json = {"alloc": alloc, "mode": mode}
     # Whatever the replay needs is made now, before the C library's heap is prepared: glibc allocating
@@ -78,7 +80,7 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     tcache = tcache_chunk() if alloc == "glibc" else 0
     table: list[Any] = [None if alloc == "mpheap" else 0] * (trace.num_ids + 1)
     samples = [0] * trace.num_ops if series or (alloc == "ours" and mode == "footprint") else None
-    buffers = timeline.Buffers(trace) if mode == "timeline" and alloc == "glibc" else None
+    buffers = timeline.Buffers(trace) if timeline_mode and alloc == "glibc" else None
     gc.collect()  # garbage freed after the plug would leave holes in glibc's heap again
     gc.disable()  # no collector pauses inside the loop, for every allocator
     # glibc replays on a heap without free space, so that its break growth counts what the trace needs,
@@ -87,11 +89,12 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
         result["plugged"] = plug_glibc(libc)
     else:
         libc.malloc_trim(0)
-    if mode == "timeline":
+    if timeline_mode:
+        check = mode == "timeline-check"
         if alloc == "ours":
-            result.update(timeline.record_ours(trace, pairs, table))
+            result.update(timeline.record_ours(trace, pairs, table, check))
         elif buffers is not None:
-            result.update(timeline.record_glibc(libc, trace, pairs, table, tcache, buffers, window))
+            result.update(timeline.record_glibc(libc, trace, pairs, table, tcache, buffers, window, check))
         else:
             raise ValueError(f"no timeline for {alloc}")
     elif alloc == "ours":
@@ -106,7 +109,7 @@ def work(alloc: str, mode: str, path: str, settings: list[str], strace_log: str 
     if tracer is not None:
         origin = from_mmap_module if alloc == "mpheap" else from_foreign_call
         result["strace"], result["strace_other"] = tracer.stop(origin)
-        if mode == "timeline" and "timeline" in result:
+        if timeline_mode and "timeline" in result:
             timeline.add_strace(result, tracer.log)
     return result
 
