@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -26,27 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("malloc") is None:
     sys.path.insert(0, str(ROOT / "src"))  # runnable from a checkout without installing
 
-from malloc.traces.formats import ALLOC, FREE, Op, Trace, load, save  # noqa: E402
+from malloc.traces.formats import load, save  # noqa: E402
+from malloc.traces.model import churn  # noqa: E402
 
 TARGET = 3.0  # write time / replay time
 DEFAULT_TRACES = ("traces/rep/amptjp-bal.rep", "traces/rep/random-bal.rep", "traces/rep/realloc-bal.rep",
                   "traces/rep/xterm.rep", "traces/mtrace/python-json.mtrace")
 
-
-def long_trace(n: int = 100_000, seed: int = 7) -> Trace:
-    """`n` operations over at most 16 live blocks of a few sizes."""
-    rng = random.Random(seed)
-    ops: list[Op] = []
-    live: list[int] = []
-    ids = 0
-    for _ in range(n):
-        if live and (len(live) >= 16 or rng.random() < 0.45):
-            ops.append((FREE, live.pop(rng.randrange(len(live))), 0))
-        else:
-            ops.append((ALLOC, ids, rng.choice((24, 40, 100, 200, 700, 1500, 3000))))
-            live.append(ids)
-            ids += 1
-    return Trace("long", ids, tuple(ops))
 
 
 def seconds(args: list[str]) -> float:
@@ -72,7 +57,7 @@ def main() -> int:
         paths = [Path(p) for p in (args.traces or [str(ROOT / t) for t in DEFAULT_TRACES])]
         if args.long:
             paths.append(Path(tmp) / "long.rep")
-            save(long_trace(), paths[-1])
+            save(churn(), paths[-1])
         page = Path(tmp) / "page.html"
         print(f"{'trace':<14} {'ops':>8} {'replay s':>9} {'+timeline s':>12} {'write s':>8} {'write/replay':>13} "
               f"{'page MB':>8}  target", flush=True)

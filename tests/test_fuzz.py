@@ -34,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from damage import damaged
 
 import malloc
 from malloc.heap import HEAP_WORDS
@@ -100,19 +101,7 @@ def damage(heap: malloc.Heap, rng: random.Random) -> str:
         i = w + rng.choice((0, 1, 1, 1, 2, 3, c.size >> 3)) if r < 0.9 else rng.randrange(HEAP_WORDS, len(W))
         i = min(i, len(W) - 1)
     old = W[i]
-    how = rng.randrange(6)
-    if how == 0:
-        new = old ^ (1 << rng.randrange(64))
-    elif how == 1:
-        new = old ^ (1 << rng.randrange(16))
-    elif how == 2:
-        new = rng.getrandbits(64)
-    elif how == 3:
-        new = (old + rng.choice((-32, -16, -8, 8, 16, 32, 4096, -4096))) % (1 << 64)
-    elif how == 4:
-        new = rng.randrange(len(W) + 64)
-    else:
-        new = int.from_bytes(bytes([rng.choice((0x00, 0x41, 0xFF))]) * rng.randrange(1, 9), "little")
+    new = damaged(old, rng, len(W) + 64)
     W[i] = new
     return f"word {i}: {old:#x} -> {new:#x}"
 

@@ -38,6 +38,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from damage import damaged
 from shared_work import names_blocks
 
 import malloc
@@ -163,19 +164,7 @@ def damage(data: bytearray, image: Image, rng: random.Random) -> str:
         del data[cut:]
         return f"file cut to {cut} bytes"
     old = words[i]
-    how = rng.randrange(6)
-    if how == 0:
-        new = old ^ (1 << rng.randrange(64))
-    elif how == 1:
-        new = old ^ (1 << rng.randrange(16))
-    elif how == 2:
-        new = rng.getrandbits(64)
-    elif how == 3:
-        new = (old + rng.choice((-32, -16, -8, 8, 16, 32, 4096, -4096))) % (1 << 64)
-    elif how == 4:
-        new = rng.randrange(len(data) + 64 * 8)
-    else:
-        new = int.from_bytes(bytes([rng.choice((0x00, 0x41, 0xFF))]) * rng.randrange(1, 9), "little")
+    new = damaged(old, rng, len(data) + 64 * 8)
     words[i] = new
     words.release()
     return f"word {i}: {old:#x} -> {new:#x}"

@@ -11,21 +11,7 @@ with those accounted for, exactly. `MALLOC_SHARED_LONG=1` runs 5000 kills over 1
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-
-import pytest
 from shared_run import LONG, run
-
-
-@pytest.fixture
-def shm_name() -> Iterator[str]:
-    name = f"pytest-kills-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    yield name
-    for entry in os.listdir("/dev/shm"):
-        if entry == name or entry.startswith(f".{name}."):
-            os.unlink(os.path.join("/dev/shm", entry))
 
 
 def test_workers_killed_at_random_instants_leave_every_owned_block_intact_and_accounted(shm_name: str) -> None:

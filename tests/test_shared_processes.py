@@ -13,22 +13,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from shared_run import HERE, LONG, SRC, run
-
-
-@pytest.fixture
-def shm_name() -> Iterator[str]:
-    """A fresh shared-memory name, removed (with any half-made temporary file) after the test."""
-    name = f"pytest-shared-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    yield name
-    for entry in os.listdir("/dev/shm"):
-        if entry == name or entry.startswith(f".{name}."):
-            os.unlink(os.path.join("/dev/shm", entry))
 
 
 def test_values_put_by_one_process_are_read_intact_by_name_in_others(shm_name: str) -> None:

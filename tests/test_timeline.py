@@ -22,6 +22,7 @@ from malloc.inspect.timeline_page import op_links
 from malloc.traces.chunklist import ChunkList
 from malloc.traces.formats import ALLOC, FREE, REALLOC, Op, Trace, save
 from malloc.traces.lab import Plan, run_worker
+from malloc.traces.model import churn
 from malloc.traces.opsfile import write_ops
 from malloc.traces.timeline import Chunk4, decode, encode
 from malloc.traces.timeline import write_timeline as write_page
@@ -53,22 +54,6 @@ def mixed_trace(n: int = 1000, seed: int = 13) -> Trace:
     ops.append((FREE, -1, 0))  # free(NULL)
     return Trace("mixed", ids, tuple(ops))
 
-
-def long_trace(n: int = 100_000, seed: int = 7) -> Trace:
-    """`n` operations over at most 16 live blocks of a few sizes: long, but a small heap (the recording walks
-    the whole heap after every operation)."""
-    rng = random.Random(seed)
-    ops: list[Op] = []
-    live: list[int] = []
-    ids = 0
-    for _ in range(n):
-        if live and (len(live) >= 16 or rng.random() < 0.45):
-            ops.append((FREE, live.pop(rng.randrange(len(live))), 0))
-        else:
-            ops.append((ALLOC, ids, rng.choice((24, 40, 100, 200, 700, 1500, 3000))))
-            live.append(ids)
-            ids += 1
-    return Trace("long", ids, tuple(ops))
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +362,7 @@ def test_glibcs_recorded_footprint_is_the_labs(mixed: tuple[Trace, Path, str], t
 
 
 def test_a_100000_operation_trace_makes_a_page_under_25_mb_that_loads(tmp_path: Path) -> None:
-    trace = long_trace()
+    trace = churn()
     page = tmp_path / "long.html"
     written = write_page(trace, page, Plan(against=("glibc",)))
     assert not written["errors"]

@@ -8,6 +8,7 @@ always holds NULL.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 ALLOC = 0  # block ID = malloc(N)
@@ -64,3 +65,20 @@ def peak_live(trace: Trace) -> int:
         if live > peak:
             peak = live
     return peak
+
+
+def churn(n: int = 100_000, seed: int = 7) -> Trace:
+    """A synthetic trace: `n` mallocs and frees over at most 16 live blocks of a few sizes (24 B to 3 KiB), long
+    but with a small heap; the timeline's 100,000-operation page (tests, bench/timeline.py) is made from it."""
+    rng = random.Random(seed)
+    ops: list[Op] = []
+    live: list[int] = []
+    ids = 0
+    for _ in range(n):
+        if live and (len(live) >= 16 or rng.random() < 0.45):
+            ops.append((FREE, live.pop(rng.randrange(len(live))), 0))
+        else:
+            ops.append((ALLOC, ids, rng.choice((24, 40, 100, 200, 700, 1500, 3000))))
+            live.append(ids)
+            ids += 1
+    return Trace("long", ids, tuple(ops))
