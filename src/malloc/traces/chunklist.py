@@ -13,6 +13,7 @@ replay runs, and none of these methods does (they make only small objects, which
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Iterable
 
 KEY_EVERY = 1000  # the most splices a page applies to reach a step from its keyframe
 
@@ -48,6 +49,21 @@ class ChunkList:
     def index(self, address: int) -> int:
         """The heap row of the chunk holding `address` (its first row if it lies before them all)."""
         return max(0, bisect_right(self.addr, address, 0, self.heap_rows) - 1)
+
+    def span(self, chunks: Iterable[int], top_moved: bool) -> tuple[int, int]:
+        """The heap rows an operation may have changed: from the row before the first of `chunks` (chunk
+        addresses) to the row after the last, and to the top's row when the top moved; (heap rows, -1) when
+        there is none."""
+        h = self.heap_rows
+        lo, hi = h, -1
+        for c in chunks:
+            i = self.index(c)
+            lo, hi = min(lo, i), max(hi, i)
+        if top_moved:
+            lo, hi = min(lo, h - 1), h - 1
+        if hi >= 0:
+            lo, hi = max(0, lo - 1), min(h - 1, hi + 1)
+        return lo, hi
 
     def end_of(self, i: int) -> int:
         """Where the chunk of row i ends (0 for i = -1, where the first row's gap counts from)."""

@@ -203,15 +203,9 @@ class OursWalker:
                 rows.begin(i)
                 rows.add(p - HEADER, rows.rows[4 * i + 1], *((CACHED, -1) if p in cached else (IN_USE, size)))
                 return rows.replace(i, i + 1, h)
-        lo, hi = h, -1
-        for p in (old, new, *changed):
-            if p and p not in mapped and p not in before:  # a heap block's
-                i = rows.index(p - HEADER)
-                lo, hi = min(lo, i), max(hi, i)
-        if top_moved:
-            lo, hi = min(lo, h - 1), h - 1
+        lo, hi = rows.span([p - HEADER for p in (old, new, *changed) if p and p not in mapped and p not in before],
+                           top_moved)  # the heap blocks'
         if hi >= 0:
-            lo, hi = max(0, lo - 1), min(h - 1, hi + 1)
             rows.begin(lo)
             e = self._rewalk(heap, lo, hi)
             heap_rows = h - (e - lo) + rows.m
@@ -454,15 +448,8 @@ class GlibcWalker:
                 # malloc from them, which a walk does not see (their chunks read as in use).
                 rows.begin(h)
                 return rows.replace(h, h, h)
-            lo, hi = h, -1
-            for p in (old, new):
-                if p:
-                    i = rows.index(p - HEADER)
-                    lo, hi = min(lo, i), max(hi, i)
-            if top_moved:
-                lo, hi = min(lo, h - 1), h - 1
+            lo, hi = rows.span([p - HEADER for p in (old, new) if p], top_moved)
             if hi >= 0:
-                lo, hi = max(0, lo - 1), min(h - 1, hi + 1)
                 e, n_free, bytes_free = self._rewalk(lo, hi, brk)
                 for j in range(lo, e):
                     x = 4 * j
