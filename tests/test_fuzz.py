@@ -25,16 +25,14 @@ import contextlib
 import ctypes
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
-import traceback
+from functools import partial
 from pathlib import Path
-from types import FrameType
 
 import pytest
-from damage import damaged
+from damage import arm, damaged, timed_case
 
 import malloc
 from malloc.heap import HEAP_WORDS
@@ -43,14 +41,6 @@ FIXED_SEED = 20261129
 CASES = 10_000  # per region kind in the test suite
 CASE_SECONDS = 2.0  # a case still running after this is a hang
 SRC = Path(malloc.__file__).resolve().parent.parent
-
-
-class Hang(Exception):
-    """A case ran past its time limit."""
-
-
-def _hang(signum: int, frame: FrameType | None) -> None:
-    raise Hang
 
 
 def new_heap(kind: str, rng: random.Random) -> tuple[malloc.Heap, object]:
@@ -161,26 +151,15 @@ def main(argv: list[str]) -> int:
     """`REGION SEED FIRST COUNT [-v]`: run cases FIRST .. FIRST+COUNT-1; prints each failure (with -v, each
     case as it starts), then a summary."""
     kind, seed, first, count = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
-    signal.signal(signal.SIGALRM, _hang)
+    arm()
     failures = 0
     started = time.monotonic()
     verbose = len(argv) > 4
     for case in range(first, first + count):
         if verbose:
             print(f"case {case}", flush=True)
-        signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
-        try:
-            run_case(kind, seed, case)
-        except Hang:
-            failures += 1
-            print(f"FAIL {kind} seed {seed} case {case}: still running after {CASE_SECONDS} s", flush=True)
-        except Exception as exc:  # everything but the allowed outcomes is a finding
-            failures += 1
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            print(f"FAIL {kind} seed {seed} case {case}: {type(exc).__name__}: {exc} "
-                  f"({Path(where.filename).name}:{where.lineno})", flush=True)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        ok, _ = timed_case(f"{kind} seed {seed} case {case}", CASE_SECONDS, partial(run_case, kind, seed, case))
+        failures += not ok
     print(f"{kind}: {count} cases, {failures} failures, {time.monotonic() - started:.1f} s", flush=True)
     return 1 if failures else 0
 

@@ -31,14 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
+from functools import partial
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
-from damage import damaged
+from damage import arm, damaged, timed_case
 from shared_work import names_blocks
 
 import malloc
@@ -54,14 +53,6 @@ ALLOWED = (malloc.HeapCorruption, malloc.InvalidPointer, malloc.DoubleFree, KeyE
 
 
 OUTCOMES: Counter[str] = Counter()
-
-
-class Hang(Exception):
-    """A case ran past its time limit."""
-
-
-def _hang(signum: int, frame: FrameType | None) -> None:
-    raise Hang
 
 
 class Image:
@@ -249,7 +240,7 @@ def main(argv: list[str]) -> int:
     neighbour = SharedHeap.create(f"fuzz-neighbour-{os.getpid()}", 1 << 16)
     failures = 0
     started = time.monotonic()
-    signal.signal(signal.SIGALRM, _hang)
+    arm()
     try:
         neighbour.put("n", b"neighbour" * 100)
         digest = canary_digest(canary, neighbour)
@@ -258,21 +249,11 @@ def main(argv: list[str]) -> int:
             for case in range(first, first + count):
                 if verbose:
                     print(f"case {case}", flush=True)
-                signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
-                try:
-                    what = run_case(seed, case, images, where)
-                    if verbose:
-                        print(f"  {what}", flush=True)
-                except Hang:
-                    failures += 1
-                    print(f"FAIL seed {seed} case {case}: still running after {CASE_SECONDS} s", flush=True)
-                except Exception as exc:  # everything but the allowed outcomes is a finding
-                    failures += 1
-                    at = traceback.extract_tb(exc.__traceback__)[-1]
-                    print(f"FAIL seed {seed} case {case}: {type(exc).__name__}: {exc} "
-                          f"({Path(at.filename).name}:{at.lineno})", flush=True)
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+                ok, what = timed_case(f"seed {seed} case {case}", CASE_SECONDS,
+                                      partial(run_case, seed, case, images, where))
+                failures += not ok
+                if ok and verbose:
+                    print(f"  {what}", flush=True)
                 if canary_digest(canary, neighbour) != digest:
                     print(f"FAIL seed {seed} case {case}: a write outside the segment changed a canary", flush=True)
                     return 1
