@@ -162,17 +162,6 @@ def msync(address: int, size: int) -> None:
         raise _fail(f"msync({address:#x}, {size})")
 
 
-def madvise_remove(address: int, size: int, reason: str) -> bool:
-    """Free the file pages behind `size` bytes of a shared mapping at `address` (they read as zero after);
-    False, changing nothing, where the file system cannot punch holes."""
-    rc = _madvise(_address(address, "madvise"), _length(size, "madvise"), MADV_REMOVE)
-    events.record("madvise", (address, size, MADV_REMOVE), rc, reason)
-    if rc != 0:
-        if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.EINVAL):
-            return False
-        raise _fail(f"madvise({address:#x}, {size}, MADV_REMOVE)")
-    return True
-
 
 madvise_fast = _madvise
 """`madvise(address, size, advice)` itself: 0 or -1. For a caller that runs it inside a slice assignment or a

@@ -2,7 +2,7 @@
 
 The mutex is 40 bytes (glibc's `pthread_mutex_t` on x86-64 and aarch64) at an address the caller gives, inside
 a mapping that every process using it has MAP_SHARED. Robust: when its owner dies, the kernel hands it to the
-next waiter with EOWNERDEAD, who repairs the data it guards and calls `consistent`. Error-checking: a thread
+next waiter with EOWNERDEAD, who repairs the data it guards and calls `consistent_fast`. Error-checking: a thread
 that locks it twice gets EDEADLK instead of hanging, and an unlock by a thread that does not own it returns
 EPERM (which is what lets a caller unlock "if it still holds it" after an interruption). Uncontended, locking
 and unlocking make no system call (futex fast path); ctypes releases the GIL around every call.
@@ -42,7 +42,6 @@ _attr_setpshared = _bind("pthread_mutexattr_setpshared", _vp, ctypes.c_int)
 _attr_setrobust = _bind("pthread_mutexattr_setrobust", _vp, ctypes.c_int)
 _attr_destroy = _bind("pthread_mutexattr_destroy", _vp)
 _init = _bind("pthread_mutex_init", _vp, _vp)
-_consistent = _bind("pthread_mutex_consistent", ctypes.c_size_t)
 
 
 class _Timespec(ctypes.Structure):
@@ -83,10 +82,6 @@ def owner(address: int) -> int:
     holder's id in its first four bytes (the futex word), which is what the kernel reads when a thread dies."""
     return ctypes.c_uint32.from_address(address).value & _FUTEX_TID_MASK
 
-
-def consistent(address: int) -> None:
-    """Mark a mutex taken with OWNER_DEAD as repaired, so that it stays usable after this owner unlocks it."""
-    _check(_consistent(address), "pthread_mutex_consistent")
 
 
 def _bind_raw(name: str) -> Any:
