@@ -634,8 +634,7 @@ class SharedHeap:
         return o
 
     def _is_value(self, off: int) -> bool:
-        p = self._region.seg_base + off
-        size = self._heap.block_size(p) if SEG_HEADER < off < SEG_HEADER + self._region.size else 0
+        size = self._names.block_size(off)
         return bool(size) and size - OVERHEAD >= values.V_SHAPE * 8 and \
             self._region.seg[off >> 3] == values.VALUE_MAGIC
 
@@ -644,7 +643,7 @@ class SharedHeap:
         if off is None:
             raise KeyError(name)
         p = self._region.seg_base + off
-        size = self._heap.block_size(p) if SEG_HEADER < off < SEG_HEADER + self._region.size else 0
+        size = self._names.block_size(off)
         if not size:
             raise HeapCorruption(f"shared heap: the name {name!r} leads to offset {off:#x}, not a live block", p)
         layout = values.read_layout(self._region.seg, off >> 3, size - OVERHEAD, p)

@@ -64,10 +64,16 @@ class Names:
                                  self.region.seg_base + t)
         return w, cap
 
+    def block_size(self, offset: int) -> int:
+        """The chunk size of the live block at segment offset `offset` (an offset read from the heap: checked
+        against the extent before it is followed), or 0 when there is none."""
+        if SEG_HEADER < offset < SEG_HEADER + self.region.size:
+            return self.heap.block_size(self.region.seg_base + offset)
+        return 0
+
     def _usable(self, offset: int, what: str) -> int:
         """Usable bytes of the live block at segment offset `offset`; HeapCorruption when it is not one."""
-        size = self.heap.block_size(self.region.seg_base + offset) if SEG_HEADER < offset < \
-            SEG_HEADER + self.region.size else 0
+        size = self.block_size(offset)
         if not size:
             raise HeapCorruption(f"shared heap: {what} at offset {offset:#x} is not a live block",
                                  self.region.seg_base + offset)
