@@ -708,10 +708,8 @@ class SharedHeap:
         log = self._log
         for attempt in range(2):
             for k in range(1, SLOTS + 1):
-                i = OWNERS + 2 * (k - 1)
-                if not log[i]:
-                    journal_store(log, i, me[0])
-                    journal_store(log, i + 1, me[1])
+                if not log[_owner(k)]:
+                    self._set_owner(k, *me)
                     return k
             if not attempt:
                 self._reclaim()
@@ -720,7 +718,6 @@ class SharedHeap:
     def _flush(self) -> None:
         """Under the lock: give this process's cached blocks back to the heap, one commit each. A block leaves
         its list after its commit: an entry left behind by an exception has lost its mark and is skipped."""
-        heap = self._heap
         base = self._region.seg_base
         slot = self._slot
         for entries in list(self._bins.values()):
@@ -729,10 +726,7 @@ class SharedHeap:
                 seg = self._region.seg
                 w = p >> 3
                 if seg[w] == CACHE_MARK and seg[w + 1] == slot:
-                    c = heap.chunk_of(base + p)
-                    heap._w[w - HEAP_WORD] = 0
-                    heap.release(c)
-                    self._log[S_JOURNAL] = J_START
+                    self._uncache(base + p)
                 del entries[-1]
 
     def _reclaim(self) -> None:
@@ -741,7 +735,7 @@ class SharedHeap:
         log = self._log
         dead = set()
         for k in range(1, SLOTS + 1):
-            i = OWNERS + 2 * (k - 1)
+            i = _owner(k)
             if log[i] and k != self._slot and not processes.alive(log[i], log[i + 1]):
                 dead.add(k)
         if not dead:
@@ -753,14 +747,24 @@ class SharedHeap:
                    and seg[(c.address - base + HEADER) >> 3] == CACHE_MARK
                    and seg[((c.address - base + HEADER) >> 3) + 1] in dead]
         for p in orphans:
-            c = heap.chunk_of(p)
-            heap._w[c + 2] = 0
-            heap.release(c)
-            log[S_JOURNAL] = J_START
+            self._uncache(p)
         for k in dead:
-            i = OWNERS + 2 * (k - 1)
-            journal_store(log, i, 0)
-            journal_store(log, i + 1, 0)
+            self._set_owner(k, 0, 0)
+
+    def _uncache(self, p: int) -> None:
+        """Under the lock: the cached block at address `p` freed in a commit of its own (its mark cleared,
+        journaled, then released)."""
+        heap = self._heap
+        c = heap.chunk_of(p)
+        heap._w[c + 2] = 0
+        heap.release(c)
+        self._log[S_JOURNAL] = J_START
+
+    def _set_owner(self, slot: int, pid: int, started: int) -> None:
+        """Under the lock: the process table's row for `slot`, journaled (0, 0: the slot is free)."""
+        i = _owner(slot)
+        journal_store(self._log, i, pid)
+        journal_store(self._log, i + 1, started)
 
     @property
     def name(self) -> str:
@@ -821,9 +825,7 @@ class SharedHeap:
     def _leave(self) -> None:
         """Under the lock: the cache back to the heap, and this process's slot freed."""
         self._flush()
-        i = OWNERS + 2 * (self._slot - 1)
-        journal_store(self._log, i, 0)
-        journal_store(self._log, i + 1, 0)
+        self._set_owner(self._slot, 0, 0)
         self._slot = 0
 
     @property
@@ -849,6 +851,11 @@ class SharedHeap:
 
     def _closed(self) -> ValueError:
         return ValueError(f"the shared heap {self.name!r} is closed in this process")
+
+
+def _owner(slot: int) -> int:
+    """The header word where the process table's row for cache slot `slot` (from 1) starts."""
+    return OWNERS + 2 * (slot - 1)
 
 
 def _reopen(kind: str, path: str) -> SharedHeap:
