@@ -15,7 +15,6 @@ that, through /proc/PID/map_files (which the kernel opens only for a privileged 
 
 from __future__ import annotations
 
-import ast
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -27,7 +26,7 @@ from ..heap import Chunk
 from ..layout import HEADER, OVERHEAD
 from ..shared import SharedHeap
 from ..shared.segment import S_EXTENT, S_LIMIT, S_MAGIC, S_VERSION, SEG_MAGIC, SEG_MIN, SEG_VERSION
-from ..shared.values import ARRAY, VALUE_MAGIC, read_layout
+from ..shared.values import ARRAY, VALUE_MAGIC, dtype_of, read_layout
 from ..units import size_approx
 from .heapmap import Name
 
@@ -71,13 +70,10 @@ def _what(h: SharedHeap, off: int, chunk: Chunk | None) -> str:
 def _dtype_text(descr: bytes) -> str:
     """A stored dtype description as numpy names it ("float64"), or as stored when numpy cannot read it
     (or is not installed)."""
-    text = descr.decode("utf-8", "backslashreplace")
     try:
-        from numpy.lib.format import descr_to_dtype
-
-        return str(descr_to_dtype(ast.literal_eval(text)))
-    except (ImportError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return text
+        return str(dtype_of(descr))
+    except (ImportError, ValueError):
+        return descr.decode("utf-8", "backslashreplace")
 
 
 # ----------------------------------------------------------------------------------------- in the maps

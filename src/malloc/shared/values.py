@@ -12,6 +12,8 @@ read.
 
 from __future__ import annotations
 
+import ast
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,16 +59,14 @@ def layout_of(value: object) -> tuple[Layout, memoryview]:
     """The layout for storing `value` (a numpy array, or any bytes-like object) and its bytes;
     TypeError for anything else or an array of Python objects."""
     if hasattr(value, "__array_interface__") and hasattr(value, "dtype"):
-        import numpy as np
-        from numpy.lib.format import dtype_to_descr
-
+        np, fmt = _numpy()
         arr = np.asarray(value, order="C")  # not ascontiguousarray, which makes a 0-d array 1-d
         if arr.dtype.hasobject:
             raise TypeError("an array of Python objects cannot live in shared memory")
-        descr = repr(dtype_to_descr(arr.dtype)).encode()
+        descr = repr(fmt.dtype_to_descr(arr.dtype)).encode()
         if len(descr) + (V_SHAPE + arr.ndim) * 8 > MAX_HEADER:
             raise ValueError("the array's dtype or shape is too large to describe")
-        return Layout(ARRAY, arr.nbytes, descr, tuple(arr.shape)), memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        return Layout(ARRAY, arr.nbytes, descr, tuple(arr.shape)), memoryview(arr.reshape(-1).view(np.uint8))
     try:
         data = memoryview(value).cast("B")  # type: ignore[arg-type]
     except TypeError:
@@ -76,10 +76,8 @@ def layout_of(value: object) -> tuple[Layout, memoryview]:
 
 def array_layout(shape: object, dtype: object) -> Layout:
     """The layout of a new array of `shape` and `dtype` (numpy's rules for both)."""
-    import numpy as np
-    from numpy.lib.format import dtype_to_descr
-
-    dt = np.dtype(dtype)  # type: ignore[call-overload]
+    np, fmt = _numpy()
+    dt = np.dtype(dtype)
     if dt.hasobject:
         raise TypeError("an array of Python objects cannot live in shared memory")
     dims = (shape,) if isinstance(shape, int) else tuple(shape)  # type: ignore[arg-type]
@@ -89,7 +87,7 @@ def array_layout(shape: object, dtype: object) -> Layout:
     nbytes = dt.itemsize
     for d in dims:
         nbytes *= d
-    descr = repr(dtype_to_descr(dt)).encode()
+    descr = repr(fmt.dtype_to_descr(dt)).encode()
     return Layout(ARRAY, nbytes, descr, dims)
 
 
@@ -118,14 +116,10 @@ def as_value(layout: Layout, view: memoryview) -> Any:
     over it for an array (zero-copy; it keeps the view, and so the mapping, referenced)."""
     if layout.kind == BYTES:
         return view
-    import ast
-
-    import numpy as np
-    from numpy.lib.format import descr_to_dtype
-
+    np, _ = _numpy()
     try:
-        dt = descr_to_dtype(ast.literal_eval(layout.descr.decode()))
-    except (ValueError, SyntaxError, TypeError, UnicodeDecodeError):
+        dt = dtype_of(layout.descr)
+    except ValueError:
         raise HeapCorruption("shared heap: a value's dtype description is damaged") from None
     count = 1
     for d in layout.shape:
@@ -133,3 +127,19 @@ def as_value(layout: Layout, view: memoryview) -> Any:
     if count * dt.itemsize != layout.nbytes:
         raise HeapCorruption("shared heap: a value's shape and dtype disagree with its size")
     return np.frombuffer(view, dtype=dt, count=count).reshape(layout.shape)
+
+
+def dtype_of(descr: bytes) -> Any:
+    """The numpy dtype a stored description names; ValueError when it names none (a damaged or crafted one)."""
+    _, fmt = _numpy()
+    try:
+        return fmt.descr_to_dtype(ast.literal_eval(descr.decode()))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"not a dtype description: {descr[:80]!r}") from exc
+
+
+def _numpy() -> tuple[Any, Any]:
+    """numpy and numpy.lib.format, imported on first use. Typed as Any: numpy is optional, and the package
+    must type-check (and the compiled build compile) where it is not installed."""
+    return importlib.import_module("numpy"), importlib.import_module("numpy.lib.format")
+
