@@ -69,3 +69,27 @@ def test_nothing_names_a_path_outside_the_repository() -> None:
                for n, line in enumerate(path.read_text().splitlines(), 1)
                if re.search(r"\.\./shared|/ \"shared\" /|parent\.parent\.parent|parents\[2\]", line)]
     assert outside == []
+
+
+def test_numpy_stays_optional() -> None:
+    """No module of the package imports numpy by name (the compiled build type-checks the package where numpy may
+    be missing, as the README's compile command installs none), and without numpy the package works, shared heaps
+    and their bytes values included."""
+    named = [str(path.relative_to(ROOT)) for path in (ROOT / "src" / "malloc").rglob("*.py")
+             if re.search(r"^\s*(import numpy|from numpy)", path.read_text(), re.M)]
+    assert named == []
+    code = ("import os, sys\n"
+            "sys.modules['numpy'] = None  # import numpy fails\n"
+            "import malloc\n"
+            "h = malloc.SharedHeap.create(f'no-numpy-{os.getpid()}', 1 << 16)\n"
+            "try:\n"
+            "    h.put('b', b'bytes')\n"
+            "    print(bytes(h.get('b')).decode())\n"
+            "    h.free(h.malloc(10))\n"
+            "    h.check()\n"
+            "finally:\n"
+            "    h.unlink()\n"
+            "    h.close()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "bytes"
