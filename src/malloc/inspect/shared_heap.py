@@ -25,7 +25,7 @@ from ..errors import HeapCorruption, InvalidPointer
 from ..heap import Chunk
 from ..layout import HEADER, OVERHEAD
 from ..shared import SharedHeap
-from ..shared.segment import S_EXTENT, S_LIMIT, S_MAGIC, S_VERSION, SEG_MAGIC, SEG_MIN, SEG_VERSION
+from ..shared.segment import HEADER_START, read_header
 from ..shared.values import ARRAY, VALUE_MAGIC, dtype_of, read_layout
 from ..units import size_approx
 from .heapmap import Name
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .maps import Mapping
 
 SHM_DIR = "/dev/shm/"
-_HEADER_WORDS = 8
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -165,7 +164,7 @@ def _read_start(path: str, m: Mapping, *, follow: bool) -> bytes | None:
     except OSError:
         return None
     try:
-        return os.pread(fd, 8 * _HEADER_WORDS, 0) if same(os.fstat(fd)) else None
+        return os.pread(fd, HEADER_START, 0) if same(os.fstat(fd)) else None
     except OSError:
         return None
     finally:
@@ -200,12 +199,7 @@ def _dev_text(dev: int) -> str:
 
 def _header(start: bytes) -> tuple[int, int] | None:
     """(extent, limit) from a file's first bytes when they are a whole shared heap header of this version."""
-    if len(start) < 8 * _HEADER_WORDS:
+    try:
+        return read_header(start, "")
+    except HeapCorruption:
         return None
-    word = [int.from_bytes(start[i * 8:i * 8 + 8], "little") for i in range(_HEADER_WORDS)]
-    if word[S_MAGIC] != SEG_MAGIC or word[S_VERSION] != SEG_VERSION:
-        return None
-    extent, limit = word[S_EXTENT], word[S_LIMIT]
-    if not SEG_MIN <= extent <= limit < 1 << 63:
-        return None
-    return extent, limit

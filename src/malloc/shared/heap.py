@@ -53,7 +53,6 @@ from ..heap import H_CLEAN, H_END, H_TOP, HEAP_HEADER, Chunk, Heap, address_arg,
 from ..info import MallInfo
 from ..layout import (
     HEADER,
-    MAX_REQUEST,
     MIN_CHUNK,
     OVERHEAD,
     SIZE_MASK,
@@ -70,22 +69,21 @@ from .names import Names, name_bytes
 from .segment import (
     CACHE_MARK,
     DEFAULT_LIMIT,
+    HEADER_START,
     HEAP_WORD,
     J_START,
     OWNERS,
     S_EXTENT,
     S_JOURNAL,
-    S_LIMIT,
     S_MAGIC,
-    S_VERSION,
     SEG_HEADER,
     SEG_MAGIC,
     SEG_MIN,
-    SEG_VERSION,
     SLOTS,
     SharedRegion,
     format_header,
     journal_store,
+    read_header,
     roll_back,
 )
 
@@ -227,7 +225,10 @@ class SharedHeap:
             if known is not None and known._region.seg_base:
                 files.close(fd)
                 return known
-            limit = _check_start(files.read_start(fd, SEG_HEADER), files.file_size(fd), path)
+            size = files.file_size(fd)
+            if size < SEG_MIN:
+                raise HeapCorruption(f"{path} is not a shared heap (too short: {size} bytes)")
+            _, limit = read_header(files.read_start(fd, HEADER_START), path)
             alone = files.lock_alone(fd)
         except BaseException:
             files.close(fd)
@@ -861,22 +862,6 @@ def _owner(slot: int) -> int:
 def _reopen(kind: str, path: str) -> SharedHeap:
     """Unpickling: the heap at `path`, attached (or the one this process has open)."""
     return SharedHeap._adopt(path, kind)
-
-
-def _check_start(start: bytes, file_size: int, path: str) -> int:
-    """The limit from a segment's first bytes, read before mapping it; HeapCorruption when they are not the
-    header of a whole heap of this version."""
-    if len(start) < 64 or file_size < SEG_MIN:
-        raise HeapCorruption(f"{path} is not a shared heap (too short: {file_size} bytes)")
-    word = [int.from_bytes(start[i * 8:i * 8 + 8], "little") for i in range(8)]
-    if word[S_MAGIC] != SEG_MAGIC:
-        raise HeapCorruption(f"{path} is not a shared heap (no magic number; or it is still being made)")
-    if word[S_VERSION] != SEG_VERSION:
-        raise HeapCorruption(f"{path} is a shared heap of version {word[S_VERSION]}, not {SEG_VERSION}")
-    limit = word[S_LIMIT]
-    if not SEG_MIN <= limit <= MAX_REQUEST or limit & (PAGE - 1):
-        raise HeapCorruption(f"{path}: shared heap header has a bad size limit {limit}")
-    return limit
 
 
 DEFAULT_TRIM = 1 << 20  # a free that leaves this much free at the top gives the whole pages back (MADV_REMOVE)

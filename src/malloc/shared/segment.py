@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import HeapCorruption
 from ..exports import UNSHARED, Exporter, most_referenced
 from ..heap import H_CLEAN
-from ..layout import page_align_up
+from ..layout import MAX_REQUEST, page_align_up
 from ..os import files, libc, mutex
 from ..region import PAGE, WORD_FORMAT, Region
 
@@ -110,6 +110,27 @@ def roll_back(seg: memoryview) -> None:
         n -= 2
         seg[seg[n]] = seg[n + 1]
     seg[S_JOURNAL] = J_START
+
+
+HEADER_START = 64  # the bytes `read_header` needs
+
+
+def read_header(start: bytes, path: str) -> tuple[int, int]:
+    """(extent, limit) from a segment's first HEADER_START bytes, read before anything is mapped; HeapCorruption
+    naming `path` and what is wrong when they are not the header of a whole heap of this version."""
+    if len(start) < HEADER_START:
+        raise HeapCorruption(f"{path} is not a shared heap (too short: {len(start)} bytes)")
+    word = [int.from_bytes(start[i * 8:i * 8 + 8], "little") for i in range(HEADER_START // 8)]
+    if word[S_MAGIC] != SEG_MAGIC:
+        raise HeapCorruption(f"{path} is not a shared heap (no magic number; or it is still being made)")
+    if word[S_VERSION] != SEG_VERSION:
+        raise HeapCorruption(f"{path} is a shared heap of version {word[S_VERSION]}, not {SEG_VERSION}")
+    extent, limit = word[S_EXTENT], word[S_LIMIT]
+    if not SEG_MIN <= limit <= MAX_REQUEST or limit & (PAGE - 1):
+        raise HeapCorruption(f"{path}: shared heap header has a bad size limit {limit}")
+    if not SEG_MIN <= extent <= limit:
+        raise HeapCorruption(f"{path}: shared heap header has a bad extent {extent}")
+    return extent, limit
 
 
 def format_header(log: memoryview, extent: int, limit: int) -> None:
