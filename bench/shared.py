@@ -468,30 +468,12 @@ def mixed_ops(seed: int, count: int) -> list[Op]:
     return ops
 
 
-def run_shared(h: SharedHeap, ops: Sequence[Op], write: bool) -> float:
-    """The sequence on a shared heap (an 8-byte write into every new or moved block with `write`); seconds."""
+def run_ops(api: tuple[Callable[[int], int], Callable[[int], None], Callable[[int, int], int],
+                       Callable[[int, int], memoryview]], ops: Sequence[Op], write: bool) -> float:
+    """The sequence through `api` (malloc, free, realloc, view), an 8-byte write into every new or moved block
+    with `write`; seconds."""
     slots = [0] * SLOTS
-    malloc_, free, realloc, view = h.malloc, h.free, h.realloc, h.view
-    with no_gc():
-        t = time.perf_counter()
-        for kind, s, n in ops:
-            if kind == MALLOC:
-                o = slots[s] = malloc_(n)
-                if write:
-                    view(o, 8)[:] = TAG
-            elif kind == FREE:
-                free(slots[s])
-            else:
-                o = slots[s] = realloc(slots[s], n)
-                if write:
-                    view(o, 8)[:] = TAG
-        return time.perf_counter() - t
-
-
-def run_process(ops: Sequence[Op], write: bool) -> float:
-    """The same sequence on this process's heap (malloc.malloc, malloc.free, malloc.realloc, malloc.view)."""
-    slots = [0] * SLOTS
-    malloc_, free, realloc, view = malloc.malloc, malloc.free, malloc.realloc, malloc.view
+    malloc_, free, realloc, view = api
     with no_gc():
         t = time.perf_counter()
         for kind, s, n in ops:
@@ -506,6 +488,16 @@ def run_process(ops: Sequence[Op], write: bool) -> float:
                 if write:
                     view(p, 8)[:] = TAG
         return time.perf_counter() - t
+
+
+def run_shared(h: SharedHeap, ops: Sequence[Op], write: bool) -> float:
+    """The sequence on a shared heap; seconds."""
+    return run_ops((h.malloc, h.free, h.realloc, h.view), ops, write)
+
+
+def run_process(ops: Sequence[Op], write: bool) -> float:
+    """The same sequence on this process's heap (malloc.malloc, malloc.free, malloc.realloc, malloc.view)."""
+    return run_ops((malloc.malloc, malloc.free, malloc.realloc, malloc.view), ops, write)
 
 
 def mixed_worker(index: int, barrier: Any, inbox: Any, outbox: Any) -> None:
