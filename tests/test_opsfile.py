@@ -41,14 +41,16 @@ def test_damaged_files_are_refused(tmp_path: Path) -> None:
 
 PROBE = """
 import ctypes, json, sys
-from malloc.traces.baselines import glibc
+from malloc.traces.baselines import glibc, plug_glibc
 from malloc.traces.formats import load
 from malloc.traces.opsfile import read_ops
 libc = glibc()
 
 def threshold():
     # the smallest request glibc maps, by bisection; every probe is kept, since freeing a mapped one
-    # would raise the threshold it measures
+    # would raise the threshold it measures. The heap is filled first: a free chunk or a top left by what
+    # ran before would serve a probe above the threshold without a mapping
+    plug_glibc(libc)
     lo, hi = 100_000, 40_000_000
     while hi - lo > 16:
         mid = (lo + hi) // 2
@@ -66,9 +68,7 @@ def test_a_worker_starts_with_glibcs_threshold_where_a_fresh_program_has_it() ->
     """The lab starts workers with RESERVE first: the interpreter's big module reads then come from glibc's
     heap, and no freed mapping raises the threshold from its 128 KiB start, as `import typing` does in a
     plain interpreter."""
-    # the heap filled first, so that no free chunk can serve the probes
-    probe = (PROBE.split("before = threshold()")[0]
-             + "from malloc.traces.baselines import plug_glibc\nplug_glibc(libc)\nprint(threshold())\n")
+    probe = PROBE.split("before = threshold()")[0] + "print(threshold())\n"
 
     def threshold(code: str) -> int:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
