@@ -21,7 +21,7 @@ ENGINE = ["bins", "cache", "heap", "layout", "process"]  # setup.py's list
 # Everything that drives the engine itself, misuse and OS facts included.
 ENGINE_TESTS = ["test_heap.py", "test_misuse.py", "test_model.py", "test_cache.py", "test_os_facts.py",
                 "test_threads.py", "test_fork.py", "test_finalizers.py", "test_walk.py", "test_info.py",
-                "test_options.py", "test_trace.py", "test_views.py", "test_shared.py"]
+                "test_options.py", "test_trace.py", "test_views.py", "test_shared.py", "test_interrupts.py"]
 
 
 def test_the_compiled_engine_passes_the_engine_tests(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import os as _os
 import sys as _sys
 from typing import TextIO as _TextIO
 
+from .calls import block_calls as _block_calls
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import Chunk, Heap
 from .heap import size_arg as _size_arg
@@ -84,11 +85,10 @@ allocator = ProcessAllocator()
 _os.register_at_fork(before=allocator.before_fork, after_in_parent=allocator.after_fork_parent,
                      after_in_child=allocator.after_fork_child)
 
-malloc = allocator.malloc
+# The calls that hand out a block return it with no check for signal handlers before the caller's store, in
+# the compiled build too (see calls.py).
+malloc, calloc, memalign, realloc = _block_calls(allocator)
 free = allocator.free
-calloc = allocator.calloc
-realloc = allocator.realloc
-memalign = allocator.memalign
 usable_size = allocator.usable_size
 malloc_usable_size = allocator.usable_size
 view = allocator.view
@@ -118,25 +118,25 @@ trim = allocator.trim
 
 def aligned_alloc(alignment: int, size: int) -> int:
     """C11's aligned_alloc: `memalign` for a power-of-two `alignment`."""
-    return allocator.memalign(alignment, size)
+    return memalign(alignment, size)
 
 
 def posix_memalign(alignment: int, size: int) -> int:
     """`memalign` that also requires `alignment` to be a multiple of the pointer size, as POSIX does."""
     if _size_arg(alignment, "alignment") % 8:
         raise ValueError(f"alignment must be a multiple of 8, not {alignment}")
-    return allocator.memalign(alignment, size)
+    return memalign(alignment, size)
 
 
 def valloc(size: int) -> int:
     """A block aligned to the page size."""
-    return allocator.memalign(_PAGE, size)
+    return memalign(_PAGE, size)
 
 
 def pvalloc(size: int) -> int:
     """A page-aligned block whose size is rounded up to whole pages (at least one)."""
     n = _size_arg(size)
-    return allocator.memalign(_PAGE, max(_PAGE, (n + _PAGE - 1) & ~(_PAGE - 1)))
+    return memalign(_PAGE, max(_PAGE, (n + _PAGE - 1) & ~(_PAGE - 1)))
 
 
 def reallocarray(p: int, count: int, size: int) -> int:
@@ -144,7 +144,7 @@ def reallocarray(p: int, count: int, size: int) -> int:
     total = _size_arg(count, "count") * _size_arg(size)
     if total >= 1 << 63:
         raise MemoryError(f"reallocarray: {count} * {size} overflows")
-    return allocator.realloc(p, total)
+    return realloc(p, total)
 
 
 def malloc_trim(pad: int = 0) -> int:

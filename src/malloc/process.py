@@ -1001,3 +1001,50 @@ class ProcessAllocator:
         self._mend()
         self._flush_cache()
 
+
+
+# ------------------------------------------------------------ gates
+# In the compiled build the methods above are C functions, and CPython runs pending signal handlers right
+# after a call to a C function returns, before the caller stores the result: a handler's exception there
+# would lose the block the call handed over. A subscript has no such check after it, so `calls.py` reaches
+# these methods by subscript from Python functions, whose return to their caller has none either.
+
+
+class MallocGate:
+    """`gate[n]` is `allocator.malloc(n)`."""
+
+    def __init__(self, allocator: ProcessAllocator) -> None:
+        self.allocator = allocator
+
+    def __getitem__(self, n: SupportsIndex) -> int:
+        return self.allocator.malloc(n)
+
+
+class CallocGate:
+    """`gate[count, size]` is `allocator.calloc(count, size)`."""
+
+    def __init__(self, allocator: ProcessAllocator) -> None:
+        self.allocator = allocator
+
+    def __getitem__(self, args: tuple[SupportsIndex, SupportsIndex]) -> int:
+        return self.allocator.calloc(args[0], args[1])
+
+
+class MemalignGate:
+    """`gate[alignment, n]` is `allocator.memalign(alignment, n)`."""
+
+    def __init__(self, allocator: ProcessAllocator) -> None:
+        self.allocator = allocator
+
+    def __getitem__(self, args: tuple[SupportsIndex, SupportsIndex]) -> int:
+        return self.allocator.memalign(args[0], args[1])
+
+
+class ReallocGate:
+    """`gate[p, n]` is `allocator.realloc(p, n)`."""
+
+    def __init__(self, allocator: ProcessAllocator) -> None:
+        self.allocator = allocator
+
+    def __getitem__(self, args: tuple[SupportsIndex, SupportsIndex]) -> int:
+        return self.allocator.realloc(args[0], args[1])

@@ -1,0 +1,52 @@
+"""The calls that hand out a block (malloc, calloc, memalign, realloc) as Python functions of one allocator.
+
+A signal handler's exception must not lose a block between the allocator's return and the caller's store
+(`p = malloc.malloc(n)`). CPython checks for pending handlers right after a C function returns, but not when
+a Python function returns. The interpreted build's methods are Python functions already; the compiled
+build's are C functions, so there each call goes through a Python function that reaches the method by
+subscript (see the gates in process.py), which has no check after it either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import FunctionType
+from typing import SupportsIndex
+
+from .process import CallocGate, MallocGate, MemalignGate, ProcessAllocator, ReallocGate
+
+Unary = Callable[[SupportsIndex], int]
+Binary = Callable[[SupportsIndex, SupportsIndex], int]
+
+
+def compiled() -> bool:
+    """Whether the engine runs as the compiled build (its methods are not Python functions)."""
+    return not isinstance(ProcessAllocator.__dict__["malloc"], FunctionType)
+
+
+def block_calls(allocator: ProcessAllocator) -> tuple[Unary, Binary, Binary, Binary]:
+    """(malloc, calloc, memalign, realloc) of `allocator`, each returning its block to its caller with no
+    check for signal handlers in between."""
+    if not compiled():
+        return allocator.malloc, allocator.calloc, allocator.memalign, allocator.realloc
+    malloc_gate = MallocGate(allocator)
+    calloc_gate = CallocGate(allocator)
+    memalign_gate = MemalignGate(allocator)
+    realloc_gate = ReallocGate(allocator)
+
+    def malloc(n: SupportsIndex) -> int:
+        return malloc_gate[n]
+
+    def calloc(count: SupportsIndex, size: SupportsIndex) -> int:
+        return calloc_gate[count, size]
+
+    def memalign(alignment: SupportsIndex, n: SupportsIndex) -> int:
+        return memalign_gate[alignment, n]
+
+    def realloc(p: SupportsIndex, n: SupportsIndex) -> int:
+        return realloc_gate[p, n]
+
+    for function, method in ((malloc, ProcessAllocator.malloc), (calloc, ProcessAllocator.calloc),
+                             (memalign, ProcessAllocator.memalign), (realloc, ProcessAllocator.realloc)):
+        function.__doc__ = method.__doc__
+    return malloc, calloc, memalign, realloc
