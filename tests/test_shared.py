@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import malloc
 from malloc import DoubleFree, HeapCorruption, InvalidPointer, SharedHeap
+from malloc.os import libc
 from malloc.shared.segment import OWNERS, SEG_HEADER
 
 np = pytest.importorskip("numpy")
@@ -352,3 +353,16 @@ def test_a_lock_that_names_a_thread_that_does_not_exist_is_reported_not_waited_o
         futex.value = 0
     heap.free(heap.malloc(5000))
     heap.check()
+
+
+def test_the_pages_a_free_gives_back_are_in_the_system_call_log(heap: SharedHeap) -> None:
+    p = heap.malloc(3 << 20)  # the segment grows; its free leaves more than the trim threshold (1 MiB) at the top
+    heap.view(p)[:] = b"\xab" * heap.usable_size(p)  # every page of the block now holds memory in /dev/shm
+    held = _segment(heap).stat().st_blocks * 512
+    with malloc.trace() as calls:
+        heap.free(p)
+    (given,) = [e for e in calls if e.name == "madvise"]
+    start, length, advice = given.args
+    assert (advice, given.result) == (libc.MADV_REMOVE, 0) and "after the commit" in given.reason
+    assert heap.address(p) < start and start + length <= heap.address(0) + heap.size
+    assert held - _segment(heap).stat().st_blocks * 512 >= 3 << 20  # those pages went back, as logged

@@ -5,6 +5,7 @@ from __future__ import annotations
 from procfs import run_child
 
 import malloc
+from malloc.os import events, libc
 from malloc.os.libc import PAGE_SIZE as PAGE
 
 
@@ -83,3 +84,25 @@ def test_no_events_are_kept_outside_a_trace() -> None:
         malloc.free(p)
     assert [e.name for e in outer] == [e.name for e in inner] == ["mmap", "munmap"]
     assert outer[0].name in ("brk", "sbrk", "mmap", "munmap", "mremap", "madvise")
+
+
+def test_a_call_owed_to_the_log_is_recorded_once_it_ran_and_dropped_if_it_never_did() -> None:
+    # A call made inside a chain of C calls (a shared heap's give-back) is owed: recorded at the next safe
+    # point, with the time it was owed at, ahead of later calls.
+    ran: list[object] = []
+    never: list[object] = []
+    with malloc.trace() as calls:
+        events.owe("madvise", (0x1000, 4096, libc.MADV_REMOVE), ran, 1, "owed, then run")
+        events.owe("madvise", (0x2000, 4096, libc.MADV_REMOVE), never, 1, "owed, never run")
+        ran[:] = [None, 0]  # what the chain leaves: the call's result at index 1
+        big = malloc.malloc(33 << 20)  # mapped: a call recorded at once
+        malloc.free(big)
+    assert [(e.name, e.args[0], e.reason) for e in calls[:2]] == [("madvise", 0x1000, "owed, then run"),
+                                                                   ("mmap", 0, calls[1].reason)]
+    assert calls[0].result == 0 and calls[0].time < calls[1].time
+    assert not any(e.reason == "owed, never run" for e in calls) and events.owed == []
+    ran2: list[object] = []
+    with malloc.trace() as calls:
+        events.owe("madvise", (0x3000, 4096, libc.MADV_REMOVE), ran2, 1, "owed, run at the end")
+        ran2[:] = [None, -1]
+    assert [(e.args[0], e.result) for e in calls] == [(0x3000, -1)]  # settled when the trace ends

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 CALL_NAMES = ("brk", "sbrk", "mmap", "munmap", "mremap", "mprotect", "madvise")
 
@@ -63,13 +64,36 @@ counts: dict[str, int] = dict.fromkeys(CALL_NAMES, 0)
 _sinks: list[list[Event]] = []
 
 
-def record(name: str, args: tuple[int, ...], result: int, reason: str) -> None:
-    """Count a call and hand it to every active recorder."""
+# Calls owed to the log: made inside a chain of C calls, where recording them (Python code) would let a signal
+# handler in (shared/heap.py). Each is (name, args, results, index, reason, time): `results[index]` is the
+# call's result once the chain has run; a chain that never ran leaves `results` shorter, and its call is
+# dropped. They are recorded at the next safe point: the next record, or a recorder's exit.
+owed: list[tuple[str, tuple[int, ...], list[object], int, str, float]] = []
+
+
+def record(name: str, args: tuple[int, ...], result: int, reason: str, when: float | None = None) -> None:
+    """Count a call and hand it to every active recorder (made at perf_counter time `when`, by default now)."""
+    if owed:
+        settle_owed()
     counts[name] += 1
     if _sinks:
-        event = Event(name, args, result, reason)
+        event = Event(name, args, result, reason, time.perf_counter() if when is None else when)
         for sink in _sinks:
             sink.append(event)
+
+
+def owe(name: str, args: tuple[int, ...], results: list[object], index: int, reason: str) -> None:
+    """Owe the record of a call about to run in a chain of C calls that puts its result at `results[index]`."""
+    owed.append((name, args, results, index, reason, time.perf_counter()))
+
+
+def settle_owed() -> None:
+    """Record the owed calls that ran; drop those that did not."""
+    due = owed[:]
+    del owed[:len(due)]
+    for name, args, results, index, reason, when in due:
+        if len(results) > index:
+            record(name, args, cast(int, results[index]), reason, when)
 
 
 def attach(sink: list[Event]) -> None:
@@ -96,4 +120,6 @@ class Recorder:
         return self.calls
 
     def __exit__(self, *exc: object) -> None:
+        if owed:
+            settle_owed()
         detach(self.calls)

@@ -62,7 +62,7 @@ from ..layout import (
     page_align_up,
     request_to_size,
 )
-from ..os import files, libc, mutex, processes
+from ..os import events, files, libc, mutex, processes
 from ..region import PAGE, region_size
 from . import values
 from .names import Names, name_bytes
@@ -273,10 +273,11 @@ class SharedHeap:
                 self._sync()
             result = fn(*args)
             release: Iterator[object] = map(_unlock, self._lock_arg)
+            sink = self._sink
             if self._region.trimmed:
-                release = self._give_back(release)
+                release, sink = self._give_back(release)
             log[S_JOURNAL] = J_START  # the commit
-            self._sink[:] = release
+            sink[:] = release
             return result
         except BaseException:
             if got[0] == mutex.OWNER_DEAD:  # held, taken from a dead owner: unlocked unrepaired, it would be lost
@@ -288,11 +289,12 @@ class SharedHeap:
                     _unlock(self._lock_arg[0])
             raise
 
-    def _give_back(self, unlock: Iterator[object]) -> Iterator[object]:
+    def _give_back(self, unlock: Iterator[object]) -> tuple[Iterator[object], list[object]]:
         """Before the commit of an operation whose trim found whole free pages at the top: `unlock`, preceded by
         the C calls that give those pages back (MADV_REMOVE) and then lower the clean mark if they went, all to
-        run after the commit in one step, with no point where a signal handler can run. The range is the top as
-        the operation leaves it: a block the same operation took after its trim stays out of it."""
+        run after the commit in one step, with no point where a signal handler can run; and the list to run
+        them into, which keeps madvise's result for the system-call log (owed to it: events.owe). The range is
+        the top as the operation leaves it: a block the same operation took after its trim stays out of it."""
         region = self._region
         region.trimmed = False
         W = self._heap._w
@@ -300,10 +302,16 @@ class SharedHeap:
         lo = page_align_up((t << 3) + MIN_CHUNK, PAGE)
         hi = end << 3 & ~(PAGE - 1)
         if hi <= lo or clean << 3 <= lo:
-            return unlock
+            return unlock, self._sink
+        results: list[object] = []
+        address, length = region.base + lo, hi - lo
+        events.owe("madvise", (address, length, libc.MADV_REMOVE), results, 1,
+                   f"shared heap {self._path}: free pages at the top go back to the file (a hole), after the commit")
+        # The result feeds the mark and, through tee's buffer (madvise runs once), lands in `results`.
+        ran, kept = itertools.tee(map(libc.madvise_fast, (address,), (length,), (libc.MADV_REMOVE,)))
         pick = (lo >> 3, clean).__getitem__  # madvise's 0 (the pages now read as zero) lowers the mark; -1 keeps it
-        marks = map(pick, map(libc.madvise_fast, (region.base + lo,), (hi - lo,), (libc.MADV_REMOVE,)))
-        return itertools.chain(map(_store, (region.seg,), (HEAP_WORD + H_CLEAN,), marks), unlock)
+        marks = map(_store, (region.seg,), (HEAP_WORD + H_CLEAN,), map(pick, ran))
+        return itertools.chain(marks, kept, unlock), results
 
     def _acquire(self, got: list[int]) -> None:
         """Wait for the lock after a failed first try (`got[0]` the errno); `got[0]` becomes 0 once it is held."""
