@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,15 @@ def test_a_signal_handler_that_allocates_inside_the_allocator_is_served_apart(se
     counts = _run(seed, 30_000, "alloc", 200)
     assert counts["nested_calls"] > 100, counts
     assert (counts["corrupt_blocks"], counts["check_failed"], counts["leaked"], counts["lost"]) == (0, 0, 0, 0), counts
+
+
+def test_every_module_function_that_returns_a_block_is_a_python_function() -> None:
+    # CPython runs pending handlers right after a C function returns, never when a Python function does: in
+    # both builds, a block reaches the caller's store with no handler in between (calls.py).
+    import malloc
+
+    for name in ("malloc", "calloc", "memalign", "realloc", "aligned_alloc", "posix_memalign", "valloc", "pvalloc",
+                 "reallocarray"):
+        function = getattr(malloc, name)
+        assert isinstance(getattr(function, "__func__", function), types.FunctionType), name
+        assert function.__doc__ and repr(function).startswith(("<function ", "<bound method ProcessAllocator.")), name

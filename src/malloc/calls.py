@@ -34,19 +34,25 @@ def block_calls(allocator: ProcessAllocator) -> tuple[Unary, Binary, Binary, Bin
     memalign_gate = MemalignGate(allocator)
     realloc_gate = ReallocGate(allocator)
 
+    # mypyc keeps no docstrings, so these carry the methods' first lines.
     def malloc(n: SupportsIndex) -> int:
+        """Address of at least `n` usable bytes, 16-byte aligned; MemoryError when none can be had."""
         return malloc_gate[n]
 
     def calloc(count: SupportsIndex, size: SupportsIndex) -> int:
+        """A zeroed block for `count` elements of `size` bytes; MemoryError if the product overflows."""
         return calloc_gate[count, size]
 
     def memalign(alignment: SupportsIndex, n: SupportsIndex) -> int:
+        """A block of at least `n` bytes at a multiple of `alignment` (a power of two)."""
         return memalign_gate[alignment, n]
 
     def realloc(p: SupportsIndex, n: SupportsIndex) -> int:
+        """Resize the block at `p` to `n` bytes; returns its address, which may have moved. `realloc(0, n)` is
+        `malloc(n)`; `realloc(p, 0)` frees `p` and returns 0."""
         return realloc_gate[p, n]
 
-    for function, method in ((malloc, ProcessAllocator.malloc), (calloc, ProcessAllocator.calloc),
-                             (memalign, ProcessAllocator.memalign), (realloc, ProcessAllocator.realloc)):
-        function.__doc__ = method.__doc__
+    for function in (malloc, calloc, memalign, realloc):
+        function.__qualname__ = function.__name__  # shown as the module's function, not as a local one
+        function.__module__ = "malloc"
     return malloc, calloc, memalign, realloc
