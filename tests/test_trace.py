@@ -93,8 +93,8 @@ def test_a_call_owed_to_the_log_is_recorded_once_it_ran_and_dropped_if_it_never_
     never: list[object] = []
     with malloc.trace() as calls:
         events.owe("madvise", (0x1000, 4096, libc.MADV_REMOVE), ran, 1, "owed, then run")
-        events.owe("madvise", (0x2000, 4096, libc.MADV_REMOVE), never, 1, "owed, never run")
         ran[:] = [None, 0]  # what the chain leaves: the call's result at index 1
+        events.owe("madvise", (0x2000, 4096, libc.MADV_REMOVE), never, 1, "owed, never run")
         big = malloc.malloc(33 << 20)  # mapped: a call recorded at once
         malloc.free(big)
     assert [(e.name, e.args[0], e.reason) for e in calls[:2]] == [("madvise", 0x1000, "owed, then run"),
@@ -106,3 +106,11 @@ def test_a_call_owed_to_the_log_is_recorded_once_it_ran_and_dropped_if_it_never_
         events.owe("madvise", (0x3000, 4096, libc.MADV_REMOVE), ran2, 1, "owed, run at the end")
         ran2[:] = [None, -1]
     assert [(e.args[0], e.result) for e in calls] == [(0x3000, -1)]  # settled when the trace ends
+
+
+def test_owed_calls_do_not_pile_up_where_nothing_else_is_recorded() -> None:
+    for i in range(1000):
+        events.owe("madvise", (0x1000 * (i + 1), 4096, libc.MADV_REMOVE), [None, 0], 1, "owed")
+    assert len(events.owed) == 1
+    events.settle_owed()
+    assert events.owed == []

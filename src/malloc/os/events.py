@@ -83,7 +83,10 @@ def record(name: str, args: tuple[int, ...], result: int, reason: str, when: flo
 
 
 def owe(name: str, args: tuple[int, ...], results: list[object], index: int, reason: str) -> None:
-    """Owe the record of a call about to run in a chain of C calls that puts its result at `results[index]`."""
+    """Owe the record of a call about to run in a chain of C calls that puts its result at `results[index]`.
+    Earlier owed calls are settled first, so that a process that never records anything else owes one at most."""
+    if owed:
+        settle_owed()
     owed.append((name, args, results, index, reason, time.perf_counter()))
 
 
