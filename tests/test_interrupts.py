@@ -42,13 +42,19 @@ def test_a_signal_handler_that_allocates_inside_the_allocator_is_served_apart(se
     assert (counts["corrupt_blocks"], counts["check_failed"], counts["leaked"], counts["lost"]) == (0, 0, 0, 0), counts
 
 
-def test_every_module_function_that_returns_a_block_is_a_python_function() -> None:
+def test_every_call_that_returns_a_block_is_a_python_function() -> None:
     # CPython runs pending handlers right after a C function returns, never when a Python function does: in
     # both builds, a block reaches the caller's store with no handler in between (calls.py).
     import malloc
 
-    for name in ("malloc", "calloc", "memalign", "realloc", "aligned_alloc", "posix_memalign", "valloc", "pvalloc",
-                 "reallocarray"):
-        function = getattr(malloc, name)
+    own = malloc.ProcessAllocator()
+    calls = [(name, getattr(malloc, name)) for name in ("malloc", "calloc", "memalign", "realloc", "aligned_alloc",
+                                                        "posix_memalign", "valloc", "pvalloc", "reallocarray")]
+    calls += [(f"ProcessAllocator.{name}", getattr(own, name)) for name in ("malloc", "calloc", "memalign", "realloc")]
+    for name, function in calls:
         assert isinstance(getattr(function, "__func__", function), types.FunctionType), name
-        assert function.__doc__ and repr(function).startswith(("<function ", "<bound method ProcessAllocator.")), name
+        assert function.__doc__, name
+    p = own.realloc(own.calloc(3, 5), 100)  # the allocator's own calls still work, through the same methods
+    assert own.usable_size(p) >= 100
+    own.free(p)
+    own.check()

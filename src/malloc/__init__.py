@@ -17,7 +17,7 @@ import os as _os
 import sys as _sys
 from typing import TextIO as _TextIO
 
-from .calls import block_calls as _block_calls
+from .calls import install as _install_block_calls
 from .errors import DoubleFree, HeapCorruption, HeapError, InvalidPointer
 from .heap import Chunk, Heap
 from .heap import size_arg as _size_arg
@@ -79,16 +79,20 @@ __all__ = [
     "walk",
 ]
 
+# The calls that hand out a block return it with no check for signal handlers before the caller's store, in
+# the compiled build too (calls.py).
+_install_block_calls()
 allocator = ProcessAllocator()
 """The process's allocator, behind every module-level function."""
 
 _os.register_at_fork(before=allocator.before_fork, after_in_parent=allocator.after_fork_parent,
                      after_in_child=allocator.after_fork_child)
 
-# The calls that hand out a block return it with no check for signal handlers before the caller's store, in
-# the compiled build too (see calls.py).
-malloc, calloc, memalign, realloc = _block_calls(allocator)
+malloc = allocator.malloc
 free = allocator.free
+calloc = allocator.calloc
+realloc = allocator.realloc
+memalign = allocator.memalign
 usable_size = allocator.usable_size
 malloc_usable_size = allocator.usable_size
 view = allocator.view

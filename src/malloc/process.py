@@ -1006,45 +1006,34 @@ class ProcessAllocator:
 # ------------------------------------------------------------ gates
 # In the compiled build the methods above are C functions, and CPython runs pending signal handlers right
 # after a call to a C function returns, before the caller stores the result: a handler's exception there
-# would lose the block the call handed over. A subscript has no such check after it, so `calls.py` reaches
-# these methods by subscript from Python functions, whose return to their caller has none either.
+# would lose the block the call handed over. A subscript has no such check after it, so `calls.py` gives the
+# class Python methods that reach these by subscript (`gate[allocator, n]`), and a Python method's return
+# to its caller has no check either.
 
 
 class MallocGate:
-    """`gate[n]` is `allocator.malloc(n)`."""
+    """`gate[allocator, n]` is `allocator.malloc(n)`."""
 
-    def __init__(self, allocator: ProcessAllocator) -> None:
-        self.allocator = allocator
-
-    def __getitem__(self, n: SupportsIndex) -> int:
-        return self.allocator.malloc(n)
+    def __getitem__(self, args: tuple[ProcessAllocator, SupportsIndex]) -> int:
+        return args[0].malloc(args[1])
 
 
 class CallocGate:
-    """`gate[count, size]` is `allocator.calloc(count, size)`."""
+    """`gate[allocator, count, size]` is `allocator.calloc(count, size)`."""
 
-    def __init__(self, allocator: ProcessAllocator) -> None:
-        self.allocator = allocator
-
-    def __getitem__(self, args: tuple[SupportsIndex, SupportsIndex]) -> int:
-        return self.allocator.calloc(args[0], args[1])
+    def __getitem__(self, args: tuple[ProcessAllocator, SupportsIndex, SupportsIndex]) -> int:
+        return args[0].calloc(args[1], args[2])
 
 
 class MemalignGate:
-    """`gate[alignment, n]` is `allocator.memalign(alignment, n)`."""
+    """`gate[allocator, alignment, n]` is `allocator.memalign(alignment, n)`."""
 
-    def __init__(self, allocator: ProcessAllocator) -> None:
-        self.allocator = allocator
-
-    def __getitem__(self, args: tuple[SupportsIndex, SupportsIndex]) -> int:
-        return self.allocator.memalign(args[0], args[1])
+    def __getitem__(self, args: tuple[ProcessAllocator, SupportsIndex, SupportsIndex]) -> int:
+        return args[0].memalign(args[1], args[2])
 
 
 class ReallocGate:
-    """`gate[p, n]` is `allocator.realloc(p, n)`."""
+    """`gate[allocator, p, n]` is `allocator.realloc(p, n)`."""
 
-    def __init__(self, allocator: ProcessAllocator) -> None:
-        self.allocator = allocator
-
-    def __getitem__(self, args: tuple[SupportsIndex, SupportsIndex]) -> int:
-        return self.allocator.realloc(args[0], args[1])
+    def __getitem__(self, args: tuple[ProcessAllocator, SupportsIndex, SupportsIndex]) -> int:
+        return args[0].realloc(args[1], args[2])
