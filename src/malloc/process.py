@@ -330,8 +330,8 @@ class ProcessAllocator:
                     region = BreakRegion(HEAP_HEADER + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
                 except MemoryError:  # a pad the break cannot give: start without it, as Heap.extend grows
                     region = BreakRegion(HEAP_HEADER + MIN_CHUNK, "first heap: " + reason + " (without the top pad)")
-                main = self._main = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
-                self._add_heap(main)
+                main = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
+                self._add_heap(main, True)
             main.top_pad = opts.top_pad
             main.extend(nb, reason)
             self._note_system()
@@ -361,11 +361,17 @@ class ProcessAllocator:
         self._note_system()
         return heap
 
-    def _add_heap(self, heap: Heap) -> None:
-        self._heaps.append(heap)
+    def _add_heap(self, heap: Heap, main: bool = False) -> None:
+        """Put `heap` in every list (and make it the main heap) in one run of stores: a handler's exception
+        finds it in all of them or in none."""
         i = bisect_right(self._starts, heap.base)
-        self._starts.insert(i, heap.base)
-        self._by_start.insert(i, heap)
+        entry = (heap,)
+        start = (heap.base,)
+        self._heaps += entry
+        self._starts[i:i] = start
+        self._by_start[i:i] = entry
+        if main:
+            self._main = heap
 
     def _map_chunk(self, nb: int, alignment: int, reason: str, out: list[int] | None = None) -> int:
         """A chunk in a mapping of its own; returns the block's address (aligned to `alignment`), in flight.
@@ -679,10 +685,13 @@ class ProcessAllocator:
             heap, c = self._live_chunk(p)
             sz = heap.chunk_size(c)
         if n == 0:
+            # Freed once the call returns, as a moved block's old copy is: freed here, an exception after it
+            # (at the lock's release) would leave a realloc that raised with its block gone.
             if viewed:
                 raise _view_alive(p, "free")
-            self._free_block(p, None)
-            return 0, 0, 0
+            if mapped is None:
+                heap.release(c, check_only=True)  # type: ignore[union-attr]
+            return 0, p, 0
         check_request(n)
         nb = request_to_size(n)
         if mapped is not None:

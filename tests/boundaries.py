@@ -1,0 +1,191 @@
+"""An exception at every point of an allocator call where a signal handler could run, one point at a time.
+
+A Python signal handler runs where CPython checks for pending calls: at the start of a Python function and
+right after a C function called from Python code returns (and at a loop's backward jump, which the timer
+stress in interrupts.py reaches). A profile function sees exactly those points as its "call" and "c_return"
+events, and an exception it raises there propagates as a handler's would: at "c_return" the C function's
+result is dropped. So for each kind of call, this raises at its 1st such point, then its 2nd, and so on until
+the call completes untouched, and after each attempt checks what the call promises: a malloc, calloc or
+memalign that raised allocated nothing, a realloc that raised left the old block live and intact, a free
+either happened or did not, a call that completed handed its block to the caller's store; `check()` passes,
+and the blocks in use are exactly those held.
+
+Run as a program (`python tests/boundaries.py`), it prints one JSON line of counts; tests/test_interrupts.py
+runs it in a child process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import malloc
+
+SMALL, MEDIUM, LARGE = 100, 5000, 1 << 20  # a cached size, a heap size, a mapped size
+
+
+class Boom(Exception):
+    """Raised by the profile function at the chosen point."""
+
+
+def _in_use() -> set[int]:
+    return {c.address + 16 for c in malloc.walk() if c.state in ("in use", "mapped")}
+
+
+def _fill(p: int, n: int, byte: int) -> None:
+    ctypes.memset(p, byte, n)
+
+
+def _intact(p: int, n: int, byte: int) -> bool:
+    return ctypes.string_at(p, n).count(byte) == n
+
+
+def _raising_at(k: int) -> tuple[Callable[[FrameType, str, Any], None], list[int]]:
+    """A profile function that raises Boom at the k-th "call" or "c_return" event, and its event count."""
+    seen = [0]
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" or event == "c_return":
+            seen[0] += 1
+            if seen[0] == k:
+                raise Boom
+
+    return profile, seen
+
+
+def attempt(k: int, op: Callable[[], int]) -> tuple[bool, list[int]]:
+    """Run `op` with an exception at its k-th point: (whether Boom came, and a list that holds the call's
+    result if its return reached the caller's store; the exception may come after that store)."""
+    profile, _seen = _raising_at(k)
+    out: list[int] = []
+    sys.setprofile(profile)
+    try:
+        out.append(op())
+    except Boom:
+        return True, out
+    finally:
+        sys.setprofile(None)
+    return False, out
+
+
+Setup = Callable[[dict[int, tuple[int, int]]], tuple[Callable[[], int], str, int]]
+
+
+def scenarios() -> dict[str, Setup]:
+    """Name -> setup. A setup adds the blocks it needs to `held` (address -> (size, fill byte)) and returns
+    the call to interrupt, its kind ("alloc", "realloc" or "free") and the block it acts on (0 for none)."""
+
+    def alloc(n: int) -> Setup:
+        def setup(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
+            return (lambda: malloc.malloc(n)), "alloc", 0
+        return setup
+
+    def keep(held: dict[int, tuple[int, int]], n: int, byte: int) -> int:
+        p = malloc.malloc(n)
+        _fill(p, n, byte)
+        held[p] = (n, byte)
+        return p
+
+    def cached_malloc(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
+        malloc.free(malloc.malloc(SMALL))  # its block waits in the fast cache
+        return (lambda: malloc.malloc(SMALL)), "alloc", 0
+
+    def calloc(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
+        return (lambda: malloc.calloc(MEDIUM, 3)), "alloc", 0
+
+    def memalign(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
+        return (lambda: malloc.memalign(4096, MEDIUM)), "alloc", 0
+
+    def realloc(n: int, to: int, pin: bool) -> Setup:
+        def setup(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
+            p = keep(held, n, 0x5A)
+            if pin:
+                keep(held, SMALL, 0x33)  # a neighbour: the block cannot grow in place
+            return (lambda: malloc.realloc(p, to)), "realloc", p
+        return setup
+
+    def free(n: int, crowd: int) -> Setup:
+        def setup(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
+            for q in [malloc.malloc(n) for _ in range(crowd)]:
+                malloc.free(q)  # with crowd >= 7 the block's cache list is full: it goes to the heap
+            p = keep(held, n, 0x77)
+
+            def op() -> int:
+                malloc.free(p)
+                return 0
+            return op, "free", p
+        return setup
+
+    return {"malloc to the fast cache's size": alloc(SMALL), "malloc from the fast cache": cached_malloc,
+            "malloc from the heap": alloc(MEDIUM), "malloc of a mapped block": alloc(LARGE),
+            "calloc": calloc, "memalign": memalign,
+            "realloc that grows in place": realloc(MEDIUM, 3 * MEDIUM, False),
+            "realloc that moves": realloc(MEDIUM, 3 * MEDIUM, True),
+            "realloc that shrinks": realloc(3 * MEDIUM, MEDIUM, False),
+            "realloc of a mapped block": realloc(LARGE, 2 * LARGE, True),
+            "realloc to 0": realloc(MEDIUM, 0, False),
+            "free into the fast cache": free(SMALL, 0), "free into the heap": free(SMALL, 8),
+            "free of a large block, with a trim": free(400_000, 0), "free of a mapped block": free(LARGE, 0)}
+
+
+def run() -> dict[str, Any]:
+    held: dict[int, tuple[int, int]] = {}
+    counts: dict[str, Any] = {"points": {}, "failures": []}
+    for name, setup in scenarios().items():
+        k = 0
+        while True:
+            k += 1
+            op, kind, victim = setup(held)
+            before = _in_use()
+            raised, out = attempt(k, op)
+            problems = []
+            if kind == "alloc":
+                if out:
+                    if out[0] not in _in_use():
+                        problems.append("a completed allocation's block is not in use")
+                    held[out[0]] = (0, 0)
+                elif _in_use() != before:
+                    problems.append("a raised allocation left blocks in use")
+            elif kind == "realloc":
+                n, byte = held[victim]
+                if out:
+                    del held[victim]
+                    if out[0]:
+                        if not _intact(out[0], min(n, malloc.usable_size(out[0])), byte):
+                            problems.append("a completed realloc lost the block's bytes")
+                        held[out[0]] = (0, 0)
+                else:
+                    if _in_use() != before:
+                        problems.append("a raised realloc changed the blocks in use")
+                    if not _intact(victim, n, byte):
+                        problems.append("a raised realloc changed the old block's bytes")
+            elif out or victim not in _in_use():  # a free that happened
+                del held[victim]
+            try:
+                malloc.check()
+            except malloc.HeapError as e:
+                problems.append(f"check() failed: {e}")
+            if _in_use() != set(held):
+                problems.append(f"in use {len(_in_use())} blocks, held {len(held)}")
+            if any(not _intact(p, n, b) for p, (n, b) in held.items()):
+                problems.append("a held block's bytes changed")
+            for p in list(held):
+                try:
+                    malloc.free(p)
+                except malloc.HeapError as e:
+                    problems.append(f"freeing a held block: {e}")
+                del held[p]
+            if problems:
+                counts["failures"].append(f"{name}, point {k}: {'; '.join(problems)}")
+            if not raised or k > 500:
+                break
+        counts["points"][name] = k - 1
+    return counts
+
+
+if __name__ == "__main__":
+    print(json.dumps(run()))
