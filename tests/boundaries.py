@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 from collections.abc import Callable
 from types import FrameType
@@ -32,16 +33,33 @@ class Boom(Exception):
     """Raised by the profile function at the chosen point."""
 
 
-def _in_use() -> set[int]:
-    return {c.address + 16 for c in malloc.walk() if c.state in ("in use", "mapped")}
+class Target:
+    """The calls under test and what a check needs: the process's allocator (addresses are blocks), or a
+    shared heap (offsets are blocks; `address` makes them addresses)."""
 
+    def __init__(self, heap: malloc.SharedHeap | None = None) -> None:
+        self.heap = heap
+        api: Any = heap if heap is not None else malloc
+        self.malloc: Callable[[int], int] = api.malloc
+        self.calloc: Callable[[int, int], int] = api.calloc
+        self.realloc: Callable[[int, int], int] = api.realloc
+        self.free: Callable[[int], None] = api.free
+        self.memalign: Callable[[int, int], int] | None = None if heap is not None else malloc.memalign
+        self.usable_size: Callable[[int], int] = api.usable_size
+        self.check: Callable[[], None] = api.check
 
-def _fill(p: int, n: int, byte: int) -> None:
-    ctypes.memset(p, byte, n)
+    def address(self, p: int) -> int:
+        return self.heap.address(p) if self.heap is not None else p
 
+    def in_use(self) -> set[int]:
+        chunks = self.heap.walk() if self.heap is not None else malloc.walk()
+        return {c.address + 16 for c in chunks if c.state in ("in use", "mapped")}
 
-def _intact(p: int, n: int, byte: int) -> bool:
-    return ctypes.string_at(p, n).count(byte) == n
+    def fill(self, p: int, n: int, byte: int) -> None:
+        ctypes.memset(self.address(p), byte, n)
+
+    def intact(self, p: int, n: int, byte: int) -> bool:
+        return ctypes.string_at(self.address(p), n).count(byte) == n
 
 
 def _raising_at(k: int) -> tuple[Callable[[FrameType, str, Any], None], list[int]]:
@@ -75,107 +93,112 @@ def attempt(k: int, op: Callable[[], int]) -> tuple[bool, list[int]]:
 Setup = Callable[[dict[int, tuple[int, int]]], tuple[Callable[[], int], str, int]]
 
 
-def scenarios() -> dict[str, Setup]:
+def scenarios(t: Target) -> dict[str, Setup]:
     """Name -> setup. A setup adds the blocks it needs to `held` (address -> (size, fill byte)) and returns
     the call to interrupt, its kind ("alloc", "realloc" or "free") and the block it acts on (0 for none)."""
 
     def alloc(n: int) -> Setup:
         def setup(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
-            return (lambda: malloc.malloc(n)), "alloc", 0
+            return (lambda: t.malloc(n)), "alloc", 0
         return setup
 
     def keep(held: dict[int, tuple[int, int]], n: int, byte: int) -> int:
-        p = malloc.malloc(n)
-        _fill(p, n, byte)
+        p = t.malloc(n)
+        t.fill(p, n, byte)
         held[p] = (n, byte)
         return p
 
     def cached_malloc(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
-        malloc.free(malloc.malloc(SMALL))  # its block waits in the fast cache
-        return (lambda: malloc.malloc(SMALL)), "alloc", 0
+        t.free(t.malloc(SMALL))  # its block waits in the fast cache
+        return (lambda: t.malloc(SMALL)), "alloc", 0
 
     def calloc(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
-        return (lambda: malloc.calloc(MEDIUM, 3)), "alloc", 0
+        return (lambda: t.calloc(MEDIUM, 3)), "alloc", 0
 
     def memalign(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
-        return (lambda: malloc.memalign(4096, MEDIUM)), "alloc", 0
+        align = t.memalign
+        assert align is not None
+        return (lambda: align(4096, MEDIUM)), "alloc", 0
 
     def realloc(n: int, to: int, pin: bool) -> Setup:
         def setup(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
             p = keep(held, n, 0x5A)
             if pin:
                 keep(held, SMALL, 0x33)  # a neighbour: the block cannot grow in place
-            return (lambda: malloc.realloc(p, to)), "realloc", p
+            return (lambda: t.realloc(p, to)), "realloc", p
         return setup
 
     def free(n: int, crowd: int) -> Setup:
         def setup(held: dict[int, tuple[int, int]]) -> tuple[Callable[[], int], str, int]:
-            for q in [malloc.malloc(n) for _ in range(crowd)]:
-                malloc.free(q)  # with crowd >= 7 the block's cache list is full: it goes to the heap
+            for q in [t.malloc(n) for _ in range(crowd)]:
+                t.free(q)  # with crowd >= 7 the block's cache list is full: it goes to the heap
             p = keep(held, n, 0x77)
 
             def op() -> int:
-                malloc.free(p)
+                t.free(p)
                 return 0
             return op, "free", p
         return setup
 
-    return {"malloc to the fast cache's size": alloc(SMALL), "malloc from the fast cache": cached_malloc,
-            "malloc from the heap": alloc(MEDIUM), "malloc of a mapped block": alloc(LARGE),
-            "calloc": calloc, "memalign": memalign,
-            "realloc that grows in place": realloc(MEDIUM, 3 * MEDIUM, False),
-            "realloc that moves": realloc(MEDIUM, 3 * MEDIUM, True),
-            "realloc that shrinks": realloc(3 * MEDIUM, MEDIUM, False),
-            "realloc of a mapped block": realloc(LARGE, 2 * LARGE, True),
-            "realloc to 0": realloc(MEDIUM, 0, False),
-            "free into the fast cache": free(SMALL, 0), "free into the heap": free(SMALL, 8),
-            "free of a large block, with a trim": free(400_000, 0), "free of a mapped block": free(LARGE, 0)}
+    kinds = {"malloc to the fast cache's size": alloc(SMALL), "malloc from the fast cache": cached_malloc,
+             "malloc from the heap": alloc(MEDIUM), "malloc of a mapped block": alloc(LARGE), "calloc": calloc,
+             "memalign": memalign, "realloc that grows in place": realloc(MEDIUM, 3 * MEDIUM, False),
+             "realloc that moves": realloc(MEDIUM, 3 * MEDIUM, True),
+             "realloc that shrinks": realloc(3 * MEDIUM, MEDIUM, False),
+             "realloc of a mapped block": realloc(LARGE, 2 * LARGE, True), "realloc to 0": realloc(MEDIUM, 0, False),
+             "free into the fast cache": free(SMALL, 0), "free into the heap": free(SMALL, 8),
+             "free of a large block, with a trim": free(400_000, 0), "free of a mapped block": free(LARGE, 0)}
+    if t.heap is not None:  # no memalign; a "mapped" size grows the segment, and its free gives pages back
+        del kinds["memalign"]
+        for name in ("malloc of a mapped block", "realloc of a mapped block", "free of a mapped block"):
+            kinds[name.replace("a mapped block", "a block that grows the segment")] = kinds.pop(name)
+    return kinds
 
 
-def run() -> dict[str, Any]:
+def run(t: Target) -> dict[str, Any]:
     held: dict[int, tuple[int, int]] = {}
     counts: dict[str, Any] = {"points": {}, "failures": []}
-    for name, setup in scenarios().items():
+    for name, setup in scenarios(t).items():
         k = 0
         while True:
             k += 1
             op, kind, victim = setup(held)
-            before = _in_use()
+            before = t.in_use()
             raised, out = attempt(k, op)
             problems = []
             if kind == "alloc":
                 if out:
-                    if out[0] not in _in_use():
+                    if out[0] not in t.in_use():
                         problems.append("a completed allocation's block is not in use")
                     held[out[0]] = (0, 0)
-                elif _in_use() != before:
+                elif t.in_use() != before:
                     problems.append("a raised allocation left blocks in use")
             elif kind == "realloc":
                 n, byte = held[victim]
                 if out:
                     del held[victim]
                     if out[0]:
-                        if not _intact(out[0], min(n, malloc.usable_size(out[0])), byte):
+                        if not t.intact(out[0], min(n, t.usable_size(out[0])), byte):
                             problems.append("a completed realloc lost the block's bytes")
                         held[out[0]] = (0, 0)
                 else:
-                    if _in_use() != before:
+                    if t.in_use() != before:
                         problems.append("a raised realloc changed the blocks in use")
-                    if not _intact(victim, n, byte):
+                    if not t.intact(victim, n, byte):
                         problems.append("a raised realloc changed the old block's bytes")
-            elif out or victim not in _in_use():  # a free that happened
+            elif out or victim not in t.in_use():  # a free that happened
                 del held[victim]
             try:
-                malloc.check()
+                t.check()
             except malloc.HeapError as e:
                 problems.append(f"check() failed: {e}")
-            if _in_use() != set(held):
-                problems.append(f"in use {len(_in_use())} blocks, held {len(held)}")
-            if any(not _intact(p, n, b) for p, (n, b) in held.items()):
+            if t.in_use() != set(held):
+                problems.append(f"in use {len(t.in_use())} blocks, held {len(held)}")
+            if any(not t.intact(p, n, b) for p, (n, b) in held.items()):
                 problems.append("a held block's bytes changed")
             for p in list(held):
                 try:
-                    malloc.free(p)
+                    t.free(p)
                 except malloc.HeapError as e:
                     problems.append(f"freeing a held block: {e}")
                 del held[p]
@@ -187,5 +210,16 @@ def run() -> dict[str, Any]:
     return counts
 
 
+def main() -> dict[str, Any]:
+    counts = {"process": run(Target())}
+    heap = malloc.SharedHeap.create(f"malloc-boundaries-{os.getpid()}", 1 << 16)
+    try:
+        counts["shared"] = run(Target(heap))
+    finally:
+        heap.unlink()
+        heap.close()
+    return counts
+
+
 if __name__ == "__main__":
-    print(json.dumps(run()))
+    print(json.dumps(main()))
