@@ -17,7 +17,8 @@ between two stores) and on four arrangements here:
 - A block allocated but not yet handed to the caller is in flight: in `_inflight` while the lock is held,
   in a local after. When an exception comes first it is deferred (below) to be freed.
 - What must not come between a call's last step and its return is deferred: recorded by a store and done
-  at the next call, first thing under the lock (`_mend`): the old block of a realloc that moved, the tail
+  at the next call, first thing under the lock (`_mend`): the old block of a realloc that moved (or that
+  `realloc(p, 0)` frees), the tail
   of a block that a realloc shrank in place, and every free asked for while this thread was inside the
   allocator. The lock-free paths step aside while anything is deferred (`_slow`), so the order of calls
   is kept.
