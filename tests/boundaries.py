@@ -62,23 +62,29 @@ class Target:
         return ctypes.string_at(self.address(p), n).count(byte) == n
 
 
-def _raising_at(k: int) -> tuple[Callable[[FrameType, str, Any], None], list[int]]:
-    """A profile function that raises Boom at the k-th "call" or "c_return" event, and its event count."""
+Nested = list[tuple[int, int, int]]  # the blocks a "handler" allocated: (address, size, fill byte)
+
+
+def attempt(k: int, op: Callable[[], int], nested: Nested | None = None) -> tuple[bool, list[int]]:
+    """Run `op` with, at its k-th point, an exception (`nested` None) or calls of the process allocator's own
+    (a block allocated, filled and kept in `nested`; the oldest of them freed once more than 4 are kept).
+    Returns whether the k-th point came, and a list that holds the call's result if its return reached the
+    caller's store (an exception may come after that store)."""
     seen = [0]
 
     def profile(frame: FrameType, event: str, arg: Any) -> None:
         if event == "call" or event == "c_return":
             seen[0] += 1
             if seen[0] == k:
-                raise Boom
+                if nested is None:
+                    raise Boom
+                n = 24 * k % 700
+                q = malloc.malloc(n)
+                ctypes.memset(q, k & 0xFF | 1, n)
+                nested.append((q, n, k & 0xFF | 1))
+                if len(nested) > 4:
+                    malloc.free(nested.pop(0)[0])
 
-    return profile, seen
-
-
-def attempt(k: int, op: Callable[[], int]) -> tuple[bool, list[int]]:
-    """Run `op` with an exception at its k-th point: (whether Boom came, and a list that holds the call's
-    result if its return reached the caller's store; the exception may come after that store)."""
-    profile, _seen = _raising_at(k)
     out: list[int] = []
     sys.setprofile(profile)
     try:
@@ -87,7 +93,7 @@ def attempt(k: int, op: Callable[[], int]) -> tuple[bool, list[int]]:
         return True, out
     finally:
         sys.setprofile(None)
-    return False, out
+    return seen[0] >= k, out
 
 
 Setup = Callable[[dict[int, tuple[int, int]]], tuple[Callable[[], int], str, int]]
@@ -155,8 +161,11 @@ def scenarios(t: Target) -> dict[str, Setup]:
     return kinds
 
 
-def run(t: Target) -> dict[str, Any]:
+def run(t: Target, allocate: bool = False) -> dict[str, Any]:
+    """Every kind of call on `t`, with an exception (or, with `allocate`, the process allocator's own calls)
+    at each of its points in turn: the number of points of each kind, and what failed."""
     held: dict[int, tuple[int, int]] = {}
+    nested: Nested | None = [] if allocate else None
     counts: dict[str, Any] = {"points": {}, "failures": []}
     for name, setup in scenarios(t).items():
         k = 0
@@ -164,14 +173,15 @@ def run(t: Target) -> dict[str, Any]:
             k += 1
             op, kind, victim = setup(held)
             before = t.in_use()
-            raised, out = attempt(k, op)
+            reached, out = attempt(k, op, nested)
+            theirs = {q for q, _n, _b in nested} if nested is not None else set()
             problems = []
             if kind == "alloc":
                 if out:
                     if out[0] not in t.in_use():
                         problems.append("a completed allocation's block is not in use")
                     held[out[0]] = (0, 0)
-                elif t.in_use() != before:
+                elif t.in_use() - theirs != before - theirs:
                     problems.append("a raised allocation left blocks in use")
             elif kind == "realloc":
                 n, byte = held[victim]
@@ -192,10 +202,12 @@ def run(t: Target) -> dict[str, Any]:
                 t.check()
             except malloc.HeapError as e:
                 problems.append(f"check() failed: {e}")
-            if t.in_use() != set(held):
-                problems.append(f"in use {len(t.in_use())} blocks, held {len(held)}")
+            if t.in_use() != set(held) | theirs:
+                problems.append(f"in use {len(t.in_use())} blocks, held {len(held)} and {len(theirs)} nested")
             if any(not t.intact(p, n, b) for p, (n, b) in held.items()):
                 problems.append("a held block's bytes changed")
+            if nested is not None and any(not t.intact(q, n, b) for q, n, b in nested):
+                problems.append("a nested call's block's bytes changed")
             for p in list(held):
                 try:
                     t.free(p)
@@ -204,14 +216,16 @@ def run(t: Target) -> dict[str, Any]:
                 del held[p]
             if problems:
                 counts["failures"].append(f"{name}, point {k}: {'; '.join(problems)}")
-            if not raised or k > 500:
+            if not reached or k > 500:
                 break
         counts["points"][name] = k - 1
+    for q, _n, _b in nested or ():
+        malloc.free(q)
     return counts
 
 
 def main() -> dict[str, Any]:
-    counts = {"process": run(Target())}
+    counts = {"process": run(Target()), "process, allocating": run(Target(), allocate=True)}
     heap = malloc.SharedHeap.create(f"malloc-boundaries-{os.getpid()}", 1 << 16)
     try:
         counts["shared"] = run(Target(heap))

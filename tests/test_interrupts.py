@@ -63,12 +63,13 @@ def test_every_call_that_returns_a_block_is_a_python_function() -> None:
 def test_an_exception_at_each_point_where_a_handler_could_run_leaves_each_kind_of_call_all_or_nothing() -> None:
     # tests/boundaries.py: every kind of call (cached, heap and mapped mallocs, calloc, memalign, reallocs that
     # grow, move, shrink or free, frees into the cache, the heap or with a trim, of a mapped block), with an
-    # exception at its 1st, 2nd, ... point, in a child process; then the same on a shared heap.
+    # exception at its 1st, 2nd, ... point, in a child process; the same with the allocator's own calls at that
+    # point instead (a handler that allocates); and the exceptions on a shared heap.
     out = subprocess.run([sys.executable, str(HARNESS.parent / "boundaries.py")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     counts = json.loads(out.stdout.strip().splitlines()[-1])
-    assert (counts["process"]["failures"], counts["shared"]["failures"]) == ([], [])
-    for target, kinds in (("process", 15), ("shared", 14)):
+    assert [counts[target]["failures"] for target in counts] == [[], [], []]
+    for target, kinds in (("process", 15), ("process, allocating", 15), ("shared", 14)):
         points = counts[target]["points"]
         assert len(points) == kinds and min(points.values()) >= 1, (target, points)
