@@ -73,3 +73,45 @@ def test_an_exception_at_each_point_where_a_handler_could_run_leaves_each_kind_o
     for target, kinds in (("process", 15), ("process, allocating", 15), ("shared", 14)):
         points = counts[target]["points"]
         assert len(points) == kinds and min(points.values()) >= 1, (target, points)
+
+
+def test_a_signal_while_the_first_heap_is_made_arrives_after_it_is_recorded() -> None:
+    # The first heap's region raises the break; a handler's exception before the allocator records the heap
+    # would leave those pages held by nobody. Signals wait until the heap is in the allocator's lists.
+    from procfs import run_child
+
+    facts = run_child("""
+        import signal
+        from malloc import region
+
+        class Tick(Exception):
+            pass
+
+        def on_signal(signum, frame):
+            raise Tick
+
+        signal.signal(signal.SIGUSR1, on_signal)
+        made = region.BreakRegion.__init__
+
+        def made_then_signalled(self, *args, **kwargs):
+            made(self, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGUSR1)  # delivered at once, unless blocked
+
+        region.BreakRegion.__init__ = made_then_signalled
+        before = libc.current_break()
+        try:
+            malloc.malloc(100)
+            raised = False
+        except Tick:
+            raised = True
+        region.BreakRegion.__init__ = made
+        p = malloc.malloc(100)
+        heaps = malloc.allocator.heaps
+        malloc.free(p)
+        malloc.check()
+        report(raised=raised, before=before, bases=[h.base for h in heaps], brk=libc.current_break(),
+               end=heaps[0].region.base + heaps[0].region.size, mask=len(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    """)
+    assert facts["raised"]  # the signal did come, and its handler raised
+    assert facts["bases"] == [facts["before"]] and facts["brk"] == facts["end"], facts  # one heap, no pages lost
+    assert facts["mask"] == 0  # nothing left blocked

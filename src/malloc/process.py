@@ -53,7 +53,7 @@ from .layout import (
     request_to_size,
 )
 from .options import Options
-from .os import libc
+from .os import libc, signals
 from .region import MAP_RESERVE, BreakRegion, MapRegion
 from .units import size_approx, size_text
 
@@ -327,12 +327,20 @@ class ProcessAllocator:
                 # Made as glibc makes its first heap, whose first chunk is the thread's tcache: the header,
                 # the top pad and a minimal chunk, in whole pages. The request then comes from that top, or
                 # grows it as any other would, so a program's first request does not set the heap's size.
+                # Signals wait until the heap is in the allocator's lists: else a handler's exception would
+                # leave the break raised for a region nobody holds.
+                saved: signals.Saved = []
+                signals.block(saved)
                 try:
-                    region = BreakRegion(HEAP_HEADER + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
-                except MemoryError:  # a pad the break cannot give: start without it, as Heap.extend grows
-                    region = BreakRegion(HEAP_HEADER + MIN_CHUNK, "first heap: " + reason + " (without the top pad)")
-                main = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
-                self._add_heap(main, True)
+                    try:
+                        region = BreakRegion(HEAP_HEADER + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
+                    except MemoryError:  # a pad the break cannot give: start without it, as Heap.extend grows
+                        region = BreakRegion(HEAP_HEADER + MIN_CHUNK,
+                                             "first heap: " + reason + " (without the top pad)")
+                    main = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
+                    self._add_heap(main, True)
+                finally:
+                    signals.restore(saved)
             main.top_pad = opts.top_pad
             main.extend(nb, reason)
             self._note_system()
@@ -350,15 +358,20 @@ class ProcessAllocator:
                 continue
         size = max(HEAP_HEADER + nb + MIN_CHUNK, FALLBACK_HEAP_MIN)
         reason += ": the break cannot grow, so a heap over a mapping"
-        if size <= MAP_RESERVE:
-            mapping = MapRegion(min(size + opts.top_pad, MAP_RESERVE), reason, reserve=MAP_RESERVE)
-        else:
-            # Larger than a heap's reservation: one plain mapping of the size needed, as glibc maps when sbrk
-            # fails. The kernel charges it at once, so a request it cannot back is a MemoryError now rather
-            # than the OOM killer later; wholly free again, it is unmapped (_drop_if_empty).
-            mapping = MapRegion(size, reason, reserve=size)
-        heap = Heap(mapping, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
-        self._add_heap(heap)
+        held_back: signals.Saved = []
+        signals.block(held_back)  # until the heap is in the lists (as for the first heap)
+        try:
+            if size <= MAP_RESERVE:
+                mapping = MapRegion(min(size + opts.top_pad, MAP_RESERVE), reason, reserve=MAP_RESERVE)
+            else:
+                # Larger than a heap's reservation: one plain mapping of the size needed, as glibc maps when
+                # sbrk fails. The kernel charges it at once, so a request it cannot back is a MemoryError now
+                # rather than the OOM killer later; wholly free again, it is unmapped (_drop_if_empty).
+                mapping = MapRegion(size, reason, reserve=size)
+            heap = Heap(mapping, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
+            self._add_heap(heap)
+        finally:
+            signals.restore(held_back)
         self._note_system()
         return heap
 
@@ -511,9 +524,14 @@ class ProcessAllocator:
         if heap is self._main or not heap.empty:
             return
         i = self._by_start.index(heap)
-        del self._starts[i], self._by_start[i]  # out of every list in one run of stores (remove runs last)
-        self._heaps.remove(heap)
-        heap.region.close()
+        saved: signals.Saved = []
+        signals.block(saved)  # until the mapping is gone: out of the lists, it would be held by nobody
+        try:
+            del self._starts[i], self._by_start[i]  # out of every list in one run of stores (remove runs last)
+            self._heaps.remove(heap)
+            heap.region.close()
+        finally:
+            signals.restore(saved)
 
     def _heap_of(self, p: int) -> Heap:
         """The heap whose chunks hold address `p`, or InvalidPointer."""
