@@ -18,10 +18,9 @@ between two stores) and on four arrangements here:
   in a local after. When an exception comes first it is deferred (below) to be freed.
 - What must not come between a call's last step and its return is deferred: recorded by a store and done
   at the next call, first thing under the lock (`_mend`): the old block of a realloc that moved (or that
-  `realloc(p, 0)` frees), the tail
-  of a block that a realloc shrank in place, and every free asked for while this thread was inside the
-  allocator. The lock-free paths step aside while anything is deferred (`_slow`), so the order of calls
-  is kept.
+  `realloc(p, 0)` frees), the tail of a block that a realloc shrank in place, and every free asked for
+  while this thread was inside the allocator. The lock-free paths step aside while anything is deferred
+  (`_slow`), so the order of calls is kept.
 - A call made while this thread is already inside the allocator (from a signal handler, or a finalizer
   that the garbage collector runs) never touches a heap: it takes from the fast cache or maps a chunk of
   its own, and its frees are deferred. The interrupted call's plans stay true.
@@ -322,6 +321,7 @@ class ProcessAllocator:
         """A heap whose top can now serve `nb` bytes: the main heap grown, else a heap over a mapping."""
         opts = self.options
         main = self._main
+        held_back: signals.Saved = []
         try:
             if main is None:
                 # Made as glibc makes its first heap, whose first chunk is the thread's tcache: the header,
@@ -329,8 +329,7 @@ class ProcessAllocator:
                 # grows it as any other would, so a program's first request does not set the heap's size.
                 # Signals wait until the heap is in the allocator's lists: else a handler's exception would
                 # leave the break raised for a region nobody holds.
-                saved: signals.Saved = []
-                signals.block(saved)
+                signals.block(held_back)
                 try:
                     try:
                         region = BreakRegion(HEAP_HEADER + MIN_CHUNK + opts.top_pad, "first heap: " + reason)
@@ -340,7 +339,7 @@ class ProcessAllocator:
                     main = Heap(region, top_pad=opts.top_pad, trim_threshold=opts.trim_threshold)
                     self._add_heap(main, True)
                 finally:
-                    signals.restore(saved)
+                    signals.restore(held_back)
             main.top_pad = opts.top_pad
             main.extend(nb, reason)
             self._note_system()
@@ -358,7 +357,6 @@ class ProcessAllocator:
                 continue
         size = max(HEAP_HEADER + nb + MIN_CHUNK, FALLBACK_HEAP_MIN)
         reason += ": the break cannot grow, so a heap over a mapping"
-        held_back: signals.Saved = []
         signals.block(held_back)  # until the heap is in the lists (as for the first heap)
         try:
             if size <= MAP_RESERVE:
@@ -524,14 +522,14 @@ class ProcessAllocator:
         if heap is self._main or not heap.empty:
             return
         i = self._by_start.index(heap)
-        saved: signals.Saved = []
-        signals.block(saved)  # until the mapping is gone: out of the lists, it would be held by nobody
+        held_back: signals.Saved = []
+        signals.block(held_back)  # until the mapping is gone: out of the lists, it would be held by nobody
         try:
             del self._starts[i], self._by_start[i]  # out of every list in one run of stores (remove runs last)
             self._heaps.remove(heap)
             heap.region.close()
         finally:
-            signals.restore(saved)
+            signals.restore(held_back)
 
     def _heap_of(self, p: int) -> Heap:
         """The heap whose chunks hold address `p`, or InvalidPointer."""
@@ -1028,7 +1026,6 @@ class ProcessAllocator:
         self._lock = threading.RLock()
         self._mend()
         self._flush_cache()
-
 
 
 # ------------------------------------------------------------ gates
