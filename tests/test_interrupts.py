@@ -63,8 +63,10 @@ def test_every_call_that_returns_a_block_is_a_python_function() -> None:
 def test_an_exception_at_each_point_where_a_handler_could_run_leaves_each_kind_of_call_all_or_nothing() -> None:
     # tests/boundaries.py: every kind of call (cached, heap and mapped mallocs, calloc, memalign, reallocs that
     # grow, move, shrink or free, frees into the cache, the heap or with a trim, of a mapped block), with an
-    # exception at its 1st, 2nd, ... point, in a child process; the same with the allocator's own calls at that
-    # point instead (a handler that allocates); and the exceptions on a shared heap.
+    # exception at its 1st, 2nd, ... point (function starts, C returns, loops' backward jumps), and a second
+    # one at each point of the repair that follows, in a child process; the same with the allocator's own
+    # calls at each point instead (a handler that allocates); and the exceptions on a shared heap, where a
+    # second exception can cut short the undo of a growth.
     out = subprocess.run([sys.executable, str(HARNESS.parent / "boundaries.py")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -73,6 +75,8 @@ def test_an_exception_at_each_point_where_a_handler_could_run_leaves_each_kind_o
     for target, kinds in (("process", 15), ("process, allocating", 15), ("shared", 14)):
         points = counts[target]["points"]
         assert len(points) == kinds and min(points.values()) >= 1, (target, points)
+        if target != "process, allocating":  # second exceptions came, in repairs
+            assert sum(counts[target]["attempts"].values()) > sum(points.values()) + kinds, counts[target]
 
 
 def test_a_signal_while_the_first_heap_is_made_arrives_after_it_is_recorded() -> None:

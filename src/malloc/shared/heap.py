@@ -343,6 +343,9 @@ class SharedHeap:
         """Under the lock: undo an operation left in the journal (another's that died, or this one's after an
         exception), then follow the extent."""
         region = self._region
+        # Until the end, no extent is known: an undo that restores the extent and is then cut short (a second
+        # exception) must not leave this process's size and words at the undone growth, taken for the heap's.
+        self._extent = 0
         if self._log[S_JOURNAL] != J_START:
             region.map_file("shared heap: map all of the file to undo an interrupted operation")
             roll_back(region.seg)
