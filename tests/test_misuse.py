@@ -29,7 +29,7 @@ import pytest
 
 import malloc
 from malloc.cache import CACHE_COUNT
-from malloc.heap import HEAP_HEADER
+from malloc.heap import H_END, H_TOP, HEAP_HEADER
 from malloc.layout import HEADER, MAX_REQUEST, SIZE_MASK, TAG_MASK
 from malloc.os import libc
 from malloc.process import CACHE_MAX
@@ -731,6 +731,25 @@ def test_overflow_into_the_top_header(heap: malloc.Heap) -> None:
     else:
         assert q + 4 * heap.region.size <= heap.base + heap.region.size, \
             f"handed out {q:#x}, past the region's end {heap.base + heap.region.size:#x}"
+
+
+def test_a_heap_end_past_the_region_is_heap_corruption_in_every_walk(heap: malloc.Heap) -> None:
+    """A heap whose end word (and top) say it is larger than its region, as a shared heap's header said when
+    an undone growth left the process's size behind: walk(), check() and a malloc that would use the part
+    past the region raise HeapCorruption (walk() raised IndexError), changing nothing."""
+    heap.malloc(100)
+    t = word(heap.base + H_TOP * 8).value
+    top_size = word(heap.base + (t + 1) * 8)
+    grown = (heap.region.size >> 3) + 512  # words: the end and the top 4 KiB past the region
+    word(heap.base + H_END * 8).value = grown
+    top_size.value = ((grown - t) << 3) | (top_size.value & ~SIZE_MASK)
+    before = region_bytes(heap)
+    calls: dict[str, Callable[[], object]] = {"walk": lambda: list(heap.walk()), "check": heap.check,
+                                              "malloc past the region": lambda: heap.malloc(heap.region.size)}
+    for name, call in calls.items():
+        with pytest.raises(malloc.HeapCorruption):
+            call()
+        assert region_bytes(heap) == before, name
 
 
 def test_overwritten_mapped_chunk_header(pa: malloc.ProcessAllocator) -> None:

@@ -816,10 +816,12 @@ class Heap:
         trim hands anything derived from them to the OS."""
         W = self._w
         t, end = W[H_TOP], W[H_END]
-        if end << 3 > self.region.size or t & 1 or not HEAP_WORDS <= t <= end - 4 \
-                or t + ((W[t + 1] & SIZE_MASK) >> 3) != end:
+        if end << 3 > self.region.size or t & 1 or not HEAP_WORDS <= t <= end - 4:
             raise HeapCorruption(f"heap at {self.base:#x}: top chunk (word {t}) or end (word {end}) damaged",
                                  self.base)
+        if t + ((W[t + 1] & SIZE_MASK) >> 3) != end:
+            at = self.base + (t << 3)
+            raise HeapCorruption(f"top chunk at {at:#x} does not end at the heap's end", at)
         return t, end
 
     def _closed(self) -> ValueError:
@@ -881,10 +883,9 @@ class Heap:
 
     def _walk(self, w: int = HEAP_WORDS) -> Iterator[tuple[int, int, int]]:
         """(word index, size, size word) of every chunk in address order, from the chunk at word `w`;
-        HeapCorruption on a bad size."""
+        HeapCorruption on a bad size, or a top or end outside the region."""
+        top, end = self._checked_top()
         W = self._w
-        end = W[H_END]
-        top = W[H_TOP]
         while True:
             word = W[w + 1]
             size = word & SIZE_MASK
