@@ -710,11 +710,12 @@ class SharedHeap:
 
     def _claim(self) -> None:
         """Take a slot in the process table for this process's cache (none free: no cache). Forgets the lists
-        (after a fork they are the parent's)."""
-        self._wants_slot = False
+        (after a fork they are the parent's). A claim that raises (a handler's exception) is tried again by
+        the next call, so the process does not go without a cache for good."""
         self._bins = {}
         self._slot = 0
         self._slot = self._run(self._claim_slot, processes.this_process())
+        self._wants_slot = False
 
     def _claim_slot(self, me: tuple[int, int]) -> int:
         log = self._log
