@@ -115,8 +115,9 @@ def attempt(k: int, op: Callable[[], int], nested: Nested | None = None, again: 
             lapsed[0] = False
             sys.setprofile(profile)
         if jumps:
-            frame.f_trace_opcodes = True
-            if event == "opcode" and frame.f_code.co_code[frame.f_lasti] == _JUMP_BACKWARD and seen[0] < last:
+            if event == "call":
+                frame.f_trace_opcodes = True
+            elif event == "opcode" and frame.f_code.co_code[frame.f_lasti] == _JUMP_BACKWARD and seen[0] < last:
                 point()
         return trace
 
@@ -208,6 +209,10 @@ def run(t: Target, allocate: bool = False, twice: bool = False, jumps: bool = Fa
     nested: Nested | None = [] if allocate else None
     counts: dict[str, Any] = {"points": {}, "failures": []}
 
+    def fail(name: str, k: int, again: int, what: str) -> None:
+        where = f"point {k}" + (f" and {again} after it" if again else "")
+        counts["failures"].append(f"{name}, {where}: {what}")
+
     def one(name: str, setup: Setup, k: int, again: int) -> int:
         """One attempt, checked: how many points came."""
         op, kind, victim = setup(held)
@@ -254,8 +259,7 @@ def run(t: Target, allocate: bool = False, twice: bool = False, jumps: bool = Fa
                 problems.append(f"freeing a held block: {e}")
             del held[p]
         if problems:
-            where = f"point {k}" + (f" and {again} after it" if again else "")
-            counts["failures"].append(f"{name}, {where}: {'; '.join(problems)}")
+            fail(name, k, again, "; ".join(problems))
         return seen
 
     def checked(name: str, setup: Setup, k: int, again: int) -> int:
@@ -263,8 +267,7 @@ def run(t: Target, allocate: bool = False, twice: bool = False, jumps: bool = Fa
         try:
             return one(name, setup, k, again)
         except Exception as e:
-            where = f"point {k}" + (f" and {again} after it" if again else "")
-            counts["failures"].append(f"{name}, {where}: the checks raised {e!r}")
+            fail(name, k, again, f"the checks raised {e!r}")
             raise Broken from e
 
     try:

@@ -736,7 +736,8 @@ def test_overflow_into_the_top_header(heap: malloc.Heap) -> None:
 def test_a_heap_end_past_the_region_is_heap_corruption_in_every_walk(heap: malloc.Heap) -> None:
     """A heap whose end word (and top) say it is larger than its region, as a shared heap's header said when
     an undone growth left the process's size behind: walk(), check() and a malloc that would use the part
-    past the region raise HeapCorruption (walk() raised IndexError), changing nothing."""
+    past the region raise HeapCorruption (never IndexError, nor a walk that lists the top past the region),
+    changing nothing."""
     heap.malloc(100)
     t = word(heap.base + H_TOP * 8).value
     top_size = word(heap.base + (t + 1) * 8)

@@ -92,31 +92,26 @@ def test_misuse_raises_and_changes_nothing(heap: SharedHeap) -> None:
     heap.check()
 
 
-def test_a_claim_of_a_cache_slot_cut_short_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_claim_of_a_cache_slot_cut_short_is_tried_again(heap: SharedHeap, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception (a handler's) while a process takes its cache slot: that call raises, changing nothing,
     and the next one takes the slot, so the process's small frees are cached again."""
-    h = SharedHeap.create(_name(), 1 << 20)
-    try:
-        claim = SharedHeap._claim_slot
-        calls = [0]
+    claim = SharedHeap._claim_slot
+    calls = [0]
 
-        def interrupted(self: SharedHeap, me: tuple[int, int]) -> int:
-            calls[0] += 1
-            if calls[0] == 1:
-                raise KeyboardInterrupt
-            return claim(self, me)
+    def interrupted(self: SharedHeap, me: tuple[int, int]) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise KeyboardInterrupt
+        return claim(self, me)
 
-        monkeypatch.setattr(SharedHeap, "_claim_slot", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            h.malloc(48)
-        assert [c.state for c in h.walk()] == ["top"]
-        p = h.malloc(48)
-        h.free(p)
-        assert calls[0] == 2 and [c.state for c in h.walk()].count("cached") == 1
-        h.check()
-    finally:
-        h.unlink()
-        h.close()
+    monkeypatch.setattr(SharedHeap, "_claim_slot", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        heap.malloc(48)
+    assert [c.state for c in heap.walk()] == ["top"]
+    p = heap.malloc(48)
+    heap.free(p)
+    assert calls[0] == 2 and [c.state for c in heap.walk()].count("cached") == 1
+    heap.check()
 
 
 def test_the_cache_serves_small_blocks_again_and_a_flush_gives_them_back(heap: SharedHeap) -> None:
