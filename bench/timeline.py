@@ -33,7 +33,6 @@ DEFAULT_TRACES = ("traces/rep/amptjp-bal.rep", "traces/rep/random-bal.rep", "tra
                   "traces/rep/xterm.rep", "traces/mtrace/python-json.mtrace")
 
 
-
 def seconds(args: list[str]) -> float:
     """Wall time of `python -m malloc ARGS` (RuntimeError if it fails)."""
     env = dict(os.environ)

@@ -55,7 +55,6 @@ def mixed_trace(n: int = 1000, seed: int = 13) -> Trace:
     return Trace("mixed", ids, tuple(ops))
 
 
-
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Trace, Path, str]]:
     """The mixed trace, its file, and its page made by the command (ours and glibc)."""

@@ -162,7 +162,6 @@ def msync(address: int, size: int) -> None:
         raise _fail(f"msync({address:#x}, {size})")
 
 
-
 madvise_fast = _madvise
 """`madvise(address, size, advice)` itself: 0 or -1. For a caller that runs it inside a slice assignment or a
 chain of C calls, so that no signal handler runs between it and what follows (shared/heap.py); not recorded."""

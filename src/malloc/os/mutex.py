@@ -48,8 +48,6 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-
-
 def _check(rc: int, call: str) -> None:
     if rc:
         raise OSError(rc, f"{call}: {os.strerror(rc)}")
@@ -81,7 +79,6 @@ def owner(address: int) -> int:
     """The thread id the mutex's futex word names as its holder, 0 when free. A robust mutex keeps its
     holder's id in its first four bytes (the futex word), which is what the kernel reads when a thread dies."""
     return ctypes.c_uint32.from_address(address).value & _FUTEX_TID_MASK
-
 
 
 def _bind_raw(name: str) -> Any:
