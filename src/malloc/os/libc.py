@@ -40,33 +40,26 @@ _BRK_FAILED = (1 << 64) - 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
-_sbrk = _libc.sbrk
-_sbrk.restype = ctypes.c_void_p
-_sbrk.argtypes = [ctypes.c_ssize_t]
 
-_mmap_fn = _libc.mmap
-_mmap_fn.restype = ctypes.c_void_p
-_mmap_fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+def bind(name: str, restype: Any, argtypes: list[Any] | None) -> Any:
+    """The C library's function `name`, as a function object of its own (another binding's types never reach
+    it), returning `restype`. `argtypes` None: no argument conversion, for a caller that passes prebuilt
+    ctypes objects as they are (a declared type costs a conversion per call). For the os/ package only."""
+    fn = _libc[name]
+    fn.restype = restype
+    if argtypes is not None:
+        fn.argtypes = argtypes
+    return fn
 
-_munmap = _libc.munmap
-_munmap.restype = ctypes.c_int
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
-_mremap = _libc.mremap
-_mremap.restype = ctypes.c_void_p
-_mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
-
-_mprotect = _libc.mprotect
-_mprotect.restype = ctypes.c_int
-_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-_madvise = _libc.madvise
-_madvise.restype = ctypes.c_int
-_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-_msync = _libc.msync
-_msync.restype = ctypes.c_int
-_msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_vp, _size, _int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+_sbrk = bind("sbrk", ctypes.c_void_p, [ctypes.c_ssize_t])
+_mmap_fn = bind("mmap", ctypes.c_void_p, [_vp, _size, _int, _int, _int, ctypes.c_long])
+_munmap = bind("munmap", _int, [_vp, _size])
+_mremap = bind("mremap", ctypes.c_void_p, [_vp, _size, _size, _int])
+_mprotect = bind("mprotect", _int, [_vp, _size, _int])
+_madvise = bind("madvise", _int, [_vp, _size, _int])
+_msync = bind("msync", _int, [_vp, _size, _int])
 
 _from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
 _from_memory.restype = ctypes.py_object

@@ -16,6 +16,8 @@ import os
 import time
 from typing import Any
 
+from .libc import bind
+
 MUTEX_SIZE = 40
 _ATTR_SIZE = 8  # pthread_mutexattr_t is 4 bytes; rounded up
 _PTHREAD_MUTEX_ERRORCHECK = 2
@@ -25,23 +27,13 @@ _PTHREAD_MUTEX_ROBUST = 1
 OWNER_DEAD = errno.EOWNERDEAD
 """`lock`'s result when the previous owner died holding the mutex: the caller now owns it and must repair."""
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _bind(name: str, *argtypes: object) -> Any:
-    fn = getattr(_libc, name)
-    fn.restype = ctypes.c_int
-    fn.argtypes = list(argtypes)
-    return fn
-
-
-_vp = ctypes.c_void_p
-_attr_init = _bind("pthread_mutexattr_init", _vp)
-_attr_settype = _bind("pthread_mutexattr_settype", _vp, ctypes.c_int)
-_attr_setpshared = _bind("pthread_mutexattr_setpshared", _vp, ctypes.c_int)
-_attr_setrobust = _bind("pthread_mutexattr_setrobust", _vp, ctypes.c_int)
-_attr_destroy = _bind("pthread_mutexattr_destroy", _vp)
-_init = _bind("pthread_mutex_init", _vp, _vp)
+_vp, _int = ctypes.c_void_p, ctypes.c_int
+_attr_init = bind("pthread_mutexattr_init", _int, [_vp])
+_attr_settype = bind("pthread_mutexattr_settype", _int, [_vp, _int])
+_attr_setpshared = bind("pthread_mutexattr_setpshared", _int, [_vp, _int])
+_attr_setrobust = bind("pthread_mutexattr_setrobust", _int, [_vp, _int])
+_attr_destroy = bind("pthread_mutexattr_destroy", _int, [_vp])
+_init = bind("pthread_mutex_init", _int, [_vp, _vp])
 
 
 class _Timespec(ctypes.Structure):
@@ -81,27 +73,19 @@ def owner(address: int) -> int:
     return ctypes.c_uint32.from_address(address).value & _FUTEX_TID_MASK
 
 
-def _bind_raw(name: str) -> Any:
-    """`name` without argument conversion: the fast path passes a prebuilt `ctypes.c_void_p` (`handle`),
-    which ctypes passes as is, where a declared argument type costs a conversion per call. A function object
-    of its own (`_libc[name]`, not the attribute ctypes caches), so that `_bind`'s argument types stay off it."""
-    fn = _libc[name]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def handle(address: int) -> ctypes.c_void_p:
     """The mutex at `address` as the fast calls take it."""
     return ctypes.c_void_p(address)
 
 
 # The raw calls, each returning an errno value: the shared heap runs them inside a slice assignment, so that
-# their result is stored before a signal handler can run (see shared/heap.py).
-try_lock_fast = _bind_raw("pthread_mutex_trylock")
+# their result is stored before a signal handler can run (see shared/heap.py). No argument types: the fast
+# path passes a prebuilt `ctypes.c_void_p` (`handle`), which ctypes passes as is.
+try_lock_fast = bind("pthread_mutex_trylock", _int, None)
 """`pthread_mutex_trylock(address)`: 0, OWNER_DEAD, EBUSY, EDEADLK (this thread holds it)."""
-timed_lock_fast = _bind_raw("pthread_mutex_timedlock")
+timed_lock_fast = bind("pthread_mutex_timedlock", _int, None)
 """`pthread_mutex_timedlock(address, deadline)`: as `try_lock_fast`, ETIMEDOUT when the deadline passed."""
-unlock_fast = _bind_raw("pthread_mutex_unlock")
+unlock_fast = bind("pthread_mutex_unlock", _int, None)
 """`pthread_mutex_unlock(address)`: 0, or EPERM when this thread does not hold it (nothing changes)."""
-consistent_fast = _bind_raw("pthread_mutex_consistent")
+consistent_fast = bind("pthread_mutex_consistent", _int, None)
 """`pthread_mutex_consistent(address)`: 0 once a mutex taken with OWNER_DEAD is marked repaired."""

@@ -17,15 +17,15 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-_libc = ctypes.CDLL(None, use_errno=True)
+from .libc import bind
+
 _Sigset = ctypes.c_ubyte * 128  # the C library's sigset_t: 1,024 bits
 _FULL = _Sigset()
-_libc.sigfillset(ctypes.byref(_FULL))  # every signal; the kernel leaves SIGKILL and SIGSTOP out when blocking
-_pthread_sigmask = _libc.pthread_sigmask
-_pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-_pthread_sigmask.restype = ctypes.c_int
-_SIG_BLOCK, _SIG_SETMASK = 0, 2
 _FULL_ADDRESS = ctypes.addressof(_FULL)
+# Every signal; the kernel leaves SIGKILL and SIGSTOP out when blocking.
+bind("sigfillset", ctypes.c_int, [ctypes.c_void_p])(_FULL_ADDRESS)
+_pthread_sigmask = bind("pthread_sigmask", ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p])
+_SIG_BLOCK, _SIG_SETMASK = 0, 2
 
 Saved = list[Any]  # after `block`: [its call's result, the mask it replaced]
 
